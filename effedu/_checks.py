@@ -1,0 +1,85 @@
+"""Input validation shared by every attention function and kernel.
+
+Every public function of the course checks its inputs here and raises a ``ValueError`` / ``TypeError`` that names
+the argument, the value it got and what was expected, so a learner never meets an opaque shape error deep inside
+a numba kernel (or a silent wrong broadcast).
+"""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_qkv(q, k, v, *, dtypes=FLOAT_DTYPES, where="attention"):
+    """Check q ``(B, H, T, D)``, k ``(B, H, S, D)``, v ``(B, H, S, Dv)``; return ``(B, H, T, S, D, Dv)``."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(
+                f"{where}: {name} must have 4 dimensions (B, H, T, D), got shape {tuple(x.shape)} ({x.dim()} dims)"
+            )
+        if x.dtype not in dtypes:
+            allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise TypeError(f"{where}: {name} must have a floating dtype ({allowed}), got {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{where}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{where}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, H, T, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"{where}: batch sizes differ: q has B={B}, k has {k.shape[0]}, v has {v.shape[0]}")
+    if k.shape[1] != H or v.shape[1] != H:
+        raise ValueError(f"{where}: head counts differ: q has H={H}, k has {k.shape[1]}, v has {v.shape[1]}")
+    if k.shape[3] != D:
+        raise ValueError(f"{where}: head dims differ: q has D={D}, k has D={k.shape[3]} (q·k needs equal D)")
+    S = k.shape[2]
+    if v.shape[2] != S:
+        raise ValueError(f"{where}: k and v must have the same length S, got k S={S}, v S={v.shape[2]}")
+    if T == 0 or S == 0 or D == 0:
+        raise ValueError(f"{where}: empty input: T={T}, S={S}, D={D} (each must be ≥ 1)")
+    return B, H, T, S, D, v.shape[3]
+
+
+def check_scale(scale, D, where="attention"):
+    """Return the softmax scale: ``1/sqrt(D)`` by default, else a positive finite float."""
+    if scale is None:
+        return D ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{where}: scale must be a float or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not (scale > 0 and scale < float("inf")):
+        raise ValueError(f"{where}: scale must be a positive finite number, got {scale}")
+    return scale
+
+
+def check_mask(mask, B, H, T, S, where="attention"):
+    """A boolean mask broadcastable to ``(B, H, T, S)``; True = may attend. Returns it viewed as 4-D."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{where}: mask must be a boolean torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{where}: mask must have dtype torch.bool (True = may attend), got {mask.dtype}")
+    if mask.dim() > 4 or mask.dim() < 2:
+        raise ValueError(
+            f"{where}: mask must be broadcastable to (B, H, T, S)=({B}, {H}, {T}, {S}), "
+            f"got shape {tuple(mask.shape)}"
+        )
+    m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    for got, want, name in zip(m.shape, (B, H, T, S), "BHTS"):
+        if got not in (1, want):
+            raise ValueError(
+                f"{where}: mask of shape {tuple(mask.shape)} does not broadcast to (B, H, T, S)=({B}, {H}, {T}, {S}) "
+                f"(dimension {name}: got {got}, expected 1 or {want})"
+            )
+    return m
+
+
+def check_positive_int(value, name, where):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{where}: {name} must be a positive int, got {value}")
+    return value

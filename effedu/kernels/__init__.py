@@ -1,0 +1,142 @@
+"""The course's hot loops: one op, three backends, one signature.
+
+    from effedu import kernels
+    out = kernels.attention(q, k, v, causal=True, backend="numba")   # "torch" | "numba" | "cuda" | "auto"
+    kernels.backends()   # {"torch": "ok", "numba": "ok", "cuda": "no GPU (simulator off)"}
+
+``"auto"`` picks ``"cuda"`` for CUDA tensors on a real GPU, ``"numba"`` for float32/float64 CPU tensors, and
+``"torch"`` otherwise. It never picks the CUDA simulator: under ``NUMBA_ENABLE_CUDASIM=1``
+``numba.cuda.is_available()`` is True, so the simulator is only used when asked for by name (that is how the
+tests exercise the CUDA kernels on machines without a GPU).
+
+Adding a kernel for a later chapter = a new module here holding its torch / numba / cuda versions side by side,
+plus a dispatching function built with :func:`dispatch` below.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .._checks import check_positive_int, check_qkv, check_scale
+
+BACKENDS = ("torch", "numba", "cuda")
+
+
+def simulator_enabled():
+    """True when numba's CUDA simulator is switched on (``NUMBA_ENABLE_CUDASIM=1`` before numba was imported)."""
+    try:
+        from numba import config
+
+        return bool(config.ENABLE_CUDASIM)
+    except Exception:  # pragma: no cover - numba missing
+        return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1"
+
+
+def _numba_status():
+    try:
+        import numba  # noqa: F401
+        import scipy.linalg.cython_blas  # noqa: F401  (numba's np.dot calls BLAS through scipy)
+        import threadpoolctl  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the install
+        return f"unavailable: {e} (pip install numba scipy threadpoolctl)"
+    return "ok"
+
+
+def _cuda_status():
+    if simulator_enabled():
+        return "simulator (NUMBA_ENABLE_CUDASIM=1: correct but slow, tests only)"
+    if not torch.cuda.is_available():
+        return "no GPU (torch.cuda.is_available() is False; simulator off)"
+    try:
+        from numba import cuda
+
+        if not cuda.is_available():
+            return "GPU seen by torch but not by numba.cuda (install the CUDA toolkit / cuda-python bindings)"
+    except Exception as e:  # pragma: no cover - depends on the install
+        return f"numba.cuda failed to load: {e}"
+    return "ok"
+
+
+def backends():
+    """Which kernel backends are live here, and why not: ``{"torch": "ok", "numba": "ok", "cuda": "..."}``."""
+    return {"torch": "ok", "numba": _numba_status(), "cuda": _cuda_status()}
+
+
+def cuda_usable():
+    """A real GPU that numba.cuda can drive (the simulator does not count)."""
+    return _cuda_status() == "ok"
+
+
+def resolve_backend(backend, device, dtype, where):
+    """Turn ``backend`` (possibly ``"auto"``) into a concrete backend name, or raise a clear error."""
+    if not isinstance(backend, str):
+        raise TypeError(f"{where}: backend must be a str, got {type(backend).__name__}")
+    if backend == "auto":
+        if device.type == "cuda" and cuda_usable():
+            return "cuda"
+        if device.type == "cpu" and dtype in (torch.float32, torch.float64) and _numba_status() == "ok":
+            return "numba"
+        return "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"{where}: unknown backend {backend!r}; expected one of 'auto', {', '.join(map(repr, BACKENDS))}")
+    if backend in ("numba", "cuda") and dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{where}: backend {backend!r} supports float32 and float64, got {dtype}; use backend='torch'")
+    if backend == "numba":
+        status = _numba_status()
+        if status != "ok":
+            raise RuntimeError(f"{where}: backend 'numba' is {status}")
+        if device.type != "cpu":
+            raise ValueError(f"{where}: backend 'numba' needs CPU tensors, got device {device}; use 'cuda' or 'torch'")
+    if backend == "cuda":
+        if simulator_enabled():
+            if device.type != "cpu":
+                raise ValueError(f"{where}: the CUDA simulator works on CPU tensors, got device {device}")
+        elif not cuda_usable():
+            raise RuntimeError(
+                f"{where}: backend 'cuda' is not usable here ({_cuda_status()}); use backend='numba' (CPU) or "
+                f"'torch', or set NUMBA_ENABLE_CUDASIM=1 before importing numba to run the kernel in the simulator"
+            )
+        elif device.type != "cuda":
+            raise ValueError(f"{where}: backend 'cuda' needs CUDA tensors, got device {device}; move them with .cuda()")
+    return backend
+
+
+DEFAULT_BLOCK = {"torch": 256, "numba": 256, "cuda": 32}
+
+
+def attention(q, k, v, *, causal=False, scale=None, backend="auto", block_size=None, return_lse=False):
+    """Exact softmax attention, tiled (online softmax): never materialises the T×S score matrix.
+
+    q ``(B, H, T, D)``, k ``(B, H, S, D)``, v ``(B, H, S, Dv)`` → ``(B, H, T, Dv)`` in q's dtype.
+    ``causal``: query i attends to keys j ≤ i (top-left aligned, as SDPA). ``scale`` defaults to 1/√D.
+    ``block_size``: tile edge (queries and keys per tile); defaults 256 (torch, numba) and 32 (cuda).
+    ``return_lse=True`` also returns the per-row log-sum-exp ``(B, H, T)`` a backward pass needs.
+
+    Forward only for the numba and cuda backends in this chapter: with autograd on and inputs that require
+    grad, use ``backend="torch"`` (differentiable through torch ops) until chapter 19 adds their backward.
+    """
+    where = "attention"
+    B, H, T, S, D, Dv = check_qkv(q, k, v, where=where)
+    scale = check_scale(scale, D, where)
+    if not isinstance(causal, bool):
+        raise TypeError(f"{where}: causal must be a bool, got {type(causal).__name__}")
+    name = resolve_backend(backend, q.device, q.dtype, where)
+    if block_size is None:
+        block_size = DEFAULT_BLOCK[name]
+    check_positive_int(block_size, "block_size", where)
+    if name == "cuda" and block_size not in (8, 16, 32, 64, 128):
+        raise ValueError(f"{where}: block_size for backend 'cuda' must be one of 8, 16, 32, 64, 128 (threads per block), got {block_size}")
+    if name != "torch" and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        raise ValueError(
+            f"{where}: backend {name!r} computes the forward pass only (its backward arrives with chapter 19); "
+            f"wrap the call in torch.no_grad() or use backend='torch'"
+        )
+    from . import tiled_attention as _impl
+
+    fn = {"torch": _impl.attention_torch, "numba": _impl.attention_numba, "cuda": _impl.attention_cuda}[name]
+    out, lse = fn(q, k, v, causal=causal, scale=scale, block_size=block_size)
+    return (out, lse) if return_lse else out
+
+
+__all__ = ["attention", "backends", "cuda_usable", "resolve_backend", "simulator_enabled", "BACKENDS"]
