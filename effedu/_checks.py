@@ -62,7 +62,7 @@ def check_mask(mask, B, H, T, S, where="attention"):
         raise TypeError(f"{where}: mask must be a boolean torch.Tensor or None, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise TypeError(f"{where}: mask must have dtype torch.bool (True = may attend), got {mask.dtype}")
-    if mask.dim() > 4 or mask.dim() < 2:
+    if mask.dim() > 4 or mask.dim() < 1:
         raise ValueError(
             f"{where}: mask must be broadcastable to (B, H, T, S)=({B}, {H}, {T}, {S}), "
             f"got shape {tuple(mask.shape)}"

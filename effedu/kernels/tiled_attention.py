@@ -163,13 +163,29 @@ def attention_numba(q, k, v, *, causal=False, scale=1.0, block_size=256):
     qn = q.detach().contiguous().reshape(B * H, T, D).numpy()
     kn = k.detach().contiguous().reshape(B * H, S, D).numpy()
     vn = v.detach().contiguous().reshape(B * H, S, Dv).numpy()
-    out = np.empty((B * H, T, Dv), dtype=qn.dtype)
-    lse = np.empty((B * H, T), dtype=qn.dtype)
+    # outputs allocated by torch (so torch's memory profiler sees them), written by numba through .numpy()
+    out = torch.empty((B * H, T, Dv), dtype=q.dtype)
+    lse = torch.empty((B * H, T), dtype=q.dtype)
     bq = min(block_size, T)
     bk = min(block_size, S)
     with _single_threaded_blas():
-        _attention_numba_kernel(qn, kn, vn, out, lse, qn.dtype.type(scale), bool(causal), bq, bk)
-    return torch.from_numpy(out).reshape(B, H, T, Dv), torch.from_numpy(lse).reshape(B, H, T)
+        _attention_numba_kernel(qn, kn, vn, out.numpy(), lse.numpy(), qn.dtype.type(scale), bool(causal), bq, bk)
+    return out.reshape(B, H, T, Dv), lse.reshape(B, H, T)
+
+
+def numba_workspace_bytes(T, S, D, Dv, *, block_size=256, itemsize=4, n_threads=None):
+    """Bytes the numba kernel allocates internally at most (numba's own allocator: no profiler sees them).
+
+    Per worker thread, one job at a time: the scaled query tile (Bq·D), the accumulator (Bq·Dv), the score
+    tile that np.dot returns (Bq·Bk, at most two alive while the next one is made) and five row vectors.
+    Independent of T and S beyond one tile: that is the point of tiling.
+    """
+    from numba import get_num_threads
+
+    n_threads = get_num_threads() if n_threads is None else n_threads
+    bq, bk = min(block_size, T), min(block_size, S)
+    per_job = (bq * D + bq * Dv + 2 * bq * bk + 5 * bq + N_LANES) * itemsize
+    return n_threads * per_job
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -177,62 +193,99 @@ def attention_numba(q, k, v, *, causal=False, scale=1.0, block_size=256):
 # --------------------------------------------------------------------------------------------------------------
 
 CUDA_MAX_HEAD_DIM = 128  # shared-memory tiles are sized at compile time
+CUDA_STATIC_SMEM_BYTES = 48 * 1024  # static __shared__ memory a block may declare (every GPU since Fermi)
+CUDA_MAX_GRID_Y = 65535  # the grid's y (and z) extent limit; x may reach 2³¹ − 1
 _CUDA_KERNELS = {}
 
 
-def _make_cuda_kernel(np_dtype, BLOCK):
-    """Compile the tiled kernel for one dtype and tile size (BLOCK queries × BLOCK keys per step)."""
+def _cuda_tile_dims(np_dtype, block, D, Dv):
+    """Compile-time tile sizes ``(BK, DMAX)`` for the CUDA kernel.
+
+    ``DMAX``: the head-dim capacity of the shared and local arrays, the smallest power of two ≥ max(D, Dv)
+    (at least 16, at most ``CUDA_MAX_HEAD_DIM``), so a D=64 head does not pay for 128 columns.
+    ``BK``: keys per shared-memory tile. The K and V tiles take ``2·BK·DMAX·itemsize`` bytes, which must stay within
+    the 48 KiB of static shared memory a block may declare (float64, block 32, D=128 would need 64 KiB and fail to
+    compile for a real GPU), so BK is ``block`` halved until it fits (float64 at DMAX=128: BK=16).
+    """
+    dmax = 16
+    while dmax < max(D, Dv):
+        dmax *= 2
+    itemsize = np.dtype(np_dtype).itemsize
+    bk = block
+    while bk > 8 and 2 * bk * dmax * itemsize > CUDA_STATIC_SMEM_BYTES:
+        bk //= 2
+    return bk, dmax
+
+
+def _make_cuda_kernel(np_dtype, BLOCK, BK=None, DMAX=CUDA_MAX_HEAD_DIM):
+    """Compile the tiled kernel for one dtype and tile shape.
+
+    ``BLOCK`` queries per tile (= threads per block), ``BK`` ≤ BLOCK keys per shared-memory tile (default BLOCK),
+    head dims up to ``DMAX``. The arithmetic stays in the input dtype (float32 math for float32 inputs: float64
+    is 2–64× slower on GPUs). No built-in ``min``/``max`` in the kernel body: numba ≥ 0.66 fails to compile their
+    two-argument form for CUDA (numba issue #10753), so the comparisons are spelled out.
+    """
     from numba import float32, float64
 
     nb_dtype = float32 if np_dtype == np.float32 else float64
-    DMAX = CUDA_MAX_HEAD_DIM
-    NEG_INF = -math.inf
+    if BK is None:
+        BK = BLOCK
+    ZERO = np_dtype(0.0)
+    NEG_INF = np_dtype(-math.inf)
 
     @cuda.jit
     def kernel(q, k, v, out, lse, scale, causal):
-        # grid: (n query tiles, B·H); block: BLOCK threads, thread t owns query row q0 + t
-        bh = cuda.blockIdx.y
-        q0 = cuda.blockIdx.x * BLOCK
+        # grid: (B·H, n query tiles); block: BLOCK threads, thread t owns query row q0 + t
+        bh = cuda.blockIdx.x
+        q0 = cuda.blockIdx.y * BLOCK
         t = cuda.threadIdx.x
         T = q.shape[1]
         S = k.shape[1]
         D = q.shape[2]
         Dv = v.shape[2]
-        k_sh = cuda.shared.array((BLOCK, DMAX), dtype=nb_dtype)
-        v_sh = cuda.shared.array((BLOCK, DMAX), dtype=nb_dtype)
+        k_sh = cuda.shared.array((BK, DMAX), dtype=nb_dtype)
+        v_sh = cuda.shared.array((BK, DMAX), dtype=nb_dtype)
         q_row = cuda.local.array(DMAX, dtype=nb_dtype)
         acc = cuda.local.array(DMAX, dtype=nb_dtype)
         i = q0 + t
         active = i < T
         for d in range(D):
-            q_row[d] = q[bh, i, d] * scale if active else 0.0
+            q_row[d] = q[bh, i, d] * scale if active else ZERO
         for d in range(Dv):
-            acc[d] = 0.0
+            acc[d] = ZERO
         m = NEG_INF
-        l = 0.0
+        l = ZERO
         k_end = S
         if causal:
-            k_end = min(S, q0 + BLOCK)  # causal block skipping
-        for k0 in range(0, k_end, BLOCK):
-            # stage the K and V tile in shared memory: thread t loads key row k0 + t
-            j_load = k0 + t
-            for d in range(D):
-                k_sh[t, d] = k[bh, j_load, d] if j_load < S else 0.0
-            for d in range(Dv):
-                v_sh[t, d] = v[bh, j_load, d] if j_load < S else 0.0
+            # causal block skipping: the tile's last query is min(q0 + BLOCK, T) − 1, later keys are never needed
+            q_end = q0 + BLOCK
+            if q_end > T + 100:
+                q_end = T
+            if q_end < k_end:
+                k_end = q_end
+        for k0 in range(0, k_end, BK):
+            # stage the K and V tile in shared memory: thread t < BK loads key row k0 + t
+            if t < BK:
+                j_load = k0 + t
+                for d in range(D):
+                    k_sh[t, d] = k[bh, j_load, d] if j_load < S else ZERO
+                for d in range(Dv):
+                    v_sh[t, d] = v[bh, j_load, d] if j_load < S else ZERO
             cuda.syncthreads()
             if active:
-                n_keys = min(BLOCK, S - k0)
-                if causal:
-                    n_keys = min(n_keys, i - k0 + 1)
+                n_keys = S - k0
+                if n_keys > BK:
+                    n_keys = BK
+                if causal and i - k0 + 1 < n_keys:
+                    n_keys = i - k0 + 1  # keys j ≤ i only
                 for jj in range(n_keys):
                     # s = q_i · k_j · scale
-                    s = 0.0
+                    s = ZERO
                     for d in range(D):
                         s += q_row[d] * k_sh[jj, d]
                     # online softmax update for one key: m_new, α, p
-                    m_new = max(m, s)
-                    alpha = math.exp(m - m_new) if m > NEG_INF else 0.0
+                    m_new = s if s > m else m
+                    alpha = math.exp(m - m_new) if m > NEG_INF else ZERO
                     p = math.exp(s - m_new)
                     l = alpha * l + p
                     for d in range(Dv):
@@ -256,21 +309,30 @@ def attention_cuda(q, k, v, *, causal=False, scale=1.0, block_size=32):
             f"attention(backend='cuda'): head dim must be ≤ {CUDA_MAX_HEAD_DIM} (shared-memory tile size), "
             f"got D={D}, Dv={Dv}; use backend='numba' or 'torch'"
         )
+    n_qt = (T + block_size - 1) // block_size
+    if n_qt > CUDA_MAX_GRID_Y:
+        raise ValueError(
+            f"attention(backend='cuda'): T={T} needs {n_qt} query tiles of {block_size}, more than the grid's "
+            f"{CUDA_MAX_GRID_Y}; use a larger block_size"
+        )
     np_dtype = np.float32 if q.dtype == torch.float32 else np.float64
-    key = (np_dtype, block_size)
+    bk, dmax = _cuda_tile_dims(np_dtype, block_size, D, Dv)
+    key = (np_dtype, block_size, bk, dmax)
     if key not in _CUDA_KERNELS:
-        _CUDA_KERNELS[key] = _make_cuda_kernel(np_dtype, block_size)
+        _CUDA_KERNELS[key] = _make_cuda_kernel(np_dtype, block_size, bk, dmax)
     kernel = _CUDA_KERNELS[key]
     qc = q.detach().contiguous().reshape(B * H, T, D)
     kc = k.detach().contiguous().reshape(B * H, S, D)
     vc = v.detach().contiguous().reshape(B * H, S, Dv)
     out = torch.empty((B * H, T, Dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((B * H, T), dtype=q.dtype, device=q.device)
-    grid = ((T + block_size - 1) // block_size, B * H)
+    grid = (B * H, n_qt)  # B·H on x (limit 2³¹ − 1), query tiles on y (limit 65535)
     if q.is_cuda:
-        # zero-copy: numba reads torch's memory through __cuda_array_interface__
-        args = [cuda.as_cuda_array(x) for x in (qc, kc, vc, out, lse)]
-        kernel[grid, block_size](*args, np_dtype(scale), bool(causal))
+        dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        with cuda.gpus[dev]:  # launch on the tensors' GPU, not numba's default device 0
+            # zero-copy: numba reads torch's memory through __cuda_array_interface__
+            args = [cuda.as_cuda_array(x) for x in (qc, kc, vc, out, lse)]
+            kernel[grid, block_size](*args, np_dtype(scale), bool(causal))
         torch.cuda.synchronize(q.device)
         return out.reshape(B, H, T, Dv), lse.reshape(B, H, T)
     # simulator: host arrays stand in for device memory

@@ -1,0 +1,80 @@
+"""Scaled dot-product attention, written out (Vaswani et al. 2017; survey §2).
+
+For queries Q ∈ ℝ^{T×d}, keys K ∈ ℝ^{S×d} and values V ∈ ℝ^{S×d_v}:
+
+    Attention(Q, K, V) = softmax(Q Kᵀ / √d) V
+
+The T×S matrix of scores is *materialised*: that is the O(n²) time and memory the rest of the course works to
+avoid. Masks are boolean with True = "may attend"; ``causal=True`` lets query i see keys j ≤ i (top-left
+aligned, as ``F.scaled_dot_product_attention(is_causal=True)``). A query row with nothing to attend to (all
+masked) gets weights 0 and output 0, never NaN — the textbook ``masked_fill(-inf)`` + softmax would give 0/0.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_mask, check_qkv, check_scale
+from . import register
+
+
+def allowed_mask(mask, causal, T, S, device, B=1, H=1):
+    """Combine a boolean ``mask`` (already checked, 4-D or None) and ``causal`` into one (·,·,T,S) mask or None."""
+    allowed = mask
+    if causal:
+        # query i may see key j iff j ≤ i                                                  (T, S)
+        tri = torch.ones(T, S, dtype=torch.bool, device=device).tril()
+        allowed = tri.view(1, 1, T, S) if allowed is None else allowed & tri
+    return allowed
+
+
+@register("dense")
+def softmax_attention(q, k, v, *, mask=None, causal=False, scale=None, return_weights=False):
+    """softmax(q kᵀ · scale) v with the full score matrix; q ``(B,H,T,D)``, k ``(B,H,S,D)``, v ``(B,H,S,Dv)``.
+
+    Returns ``out (B, H, T, Dv)``, and the weights ``(B, H, T, S)`` too when ``return_weights=True``.
+    """
+    B, H, T, S, D, _ = check_qkv(q, k, v, where="softmax_attention")
+    scale = check_scale(scale, D, "softmax_attention")
+    if not isinstance(causal, bool):
+        raise TypeError(f"softmax_attention: causal must be a bool, got {type(causal).__name__}")
+    mask = check_mask(mask, B, H, T, S, where="softmax_attention")
+    allowed = allowed_mask(mask, causal, T, S, q.device)
+
+    # scores s_ij = q_i · k_j · scale                                                     (B, H, T, S)
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    # subtract the row maximum before exp (softmax is shift-invariant; exp cannot overflow). The shift is a
+    # constant for autograd: no_grad, so no node is built (and nothing saved) for it
+    with torch.no_grad():
+        row_max = scores.amax(dim=-1, keepdim=True)
+    # a fully masked row has max −inf: shift it by 0 instead, its exps are exp(−inf) = 0
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    p = torch.exp(scores - row_max)
+    # weights_ij = p_ij / Σ_j p_ij ; an empty row has Σ = 0 → weights 0 (not 0/0)
+    denom = p.sum(dim=-1, keepdim=True)
+    weights = p / torch.where(denom > 0, denom, torch.ones_like(denom))
+    out = weights @ v
+    return (out, weights) if return_weights else out
+
+
+@register("tiled")
+def tiled_attention(q, k, v, *, mask=None, causal=False, scale=None, return_weights=False, backend="auto"):
+    """The same attention through ``effedu.kernels.attention`` (online softmax, no T×S matrix).
+
+    The kernel takes no arbitrary mask and never forms the weights, so ``mask`` and ``return_weights`` are
+    refused with a clear error rather than ignored. With gradients required it uses the torch backend (the
+    numba/cuda backward arrives with chapter 19).
+    """
+    from .. import kernels
+
+    if mask is not None:
+        raise ValueError("tiled_attention: mask is not supported by the tiled kernel (only causal=); use 'dense'")
+    if return_weights:
+        raise ValueError("tiled_attention: return_weights=True is impossible without the T×S matrix; use 'dense'")
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)) and backend == "auto":
+        backend = "torch"
+    return kernels.attention(q, k, v, causal=causal, scale=scale, backend=backend)
+
+
+__all__ = ["softmax_attention", "tiled_attention", "allowed_mask"]

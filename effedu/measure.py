@@ -1,0 +1,355 @@
+"""The course's meters: activation memory, memory timelines, peak memory, time, parameters, FLOPs.
+
+Every chapter measures with these, so numbers are comparable across chapters.
+
+* **Activation memory** = the bytes autograd *saves for the backward pass* while a function runs. We see every
+  saved tensor through ``torch.autograd.graph.saved_tensors_hooks`` and count each underlying storage once (a
+  view and its base share memory). Parameters are not activations and are not counted. On the CPU this number is
+  deterministic: notebooks print it and tests compare it with hand-computed byte counts.
+* **Memory timeline**: the live saved bytes after each module's forward and after each module's backward (when
+  autograd frees what a node saved): the familiar "mountain" of activation memory over a training step.
+* **Peak memory**: on a GPU the caching allocator's high-water mark (``torch.cuda.max_memory_allocated``); on the
+  CPU the torch profiler's memory events (every allocation and free of torch tensors, summed in time order).
+  Memory that numba allocates itself is not seen by either: the kernels say what they allocate.
+* **Time**: warm-up, then the median of repeats, with ``torch.cuda.synchronize()`` around GPU work.
+* **FLOPs**: closed forms for one Transformer layer (a multiply-add counts 2 FLOPs).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import threading
+import time
+import warnings
+import weakref
+
+import torch
+import torch.nn as nn
+
+# --------------------------------------------------------------------------------------------------------------
+# activation memory: bytes saved for backward
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _parameter_storages(*objs):
+    ptrs = set()
+    for o in objs:
+        if isinstance(o, nn.Module):
+            for p in list(o.parameters()) + list(o.buffers()):
+                ptrs.add(p.untyped_storage().data_ptr())
+    return ptrs
+
+
+def _storage_key(t):
+    s = t.untyped_storage()
+    return (t.device.type, t.device.index, s.data_ptr()), s.nbytes()
+
+
+class _SavedTensorTracker:
+    """Counts storages saved for backward, and which of them are still alive (held by the autograd graph)."""
+
+    def __init__(self, exclude_ptrs=()):
+        self.exclude = set(exclude_ptrs)
+        self.total = {}  # every storage ever saved: key → nbytes
+        self.live = {}  # storages currently held: key → [refcount, nbytes]
+        self.lock = threading.Lock()
+
+    @property
+    def live_bytes(self):
+        return sum(n for _, n in self.live.values())
+
+    @property
+    def total_bytes(self):
+        return sum(self.total.values())
+
+    def _release(self, key):
+        with self.lock:
+            entry = self.live.get(key)
+            if entry is not None:
+                entry[0] -= 1
+                if entry[0] == 0:
+                    del self.live[key]
+
+    def pack(self, t):
+        if isinstance(t, nn.Parameter):
+            return t
+        key, nbytes = _storage_key(t)
+        if key[2] in self.exclude or nbytes == 0:
+            return t
+        with self.lock:
+            self.total.setdefault(key, nbytes)
+            entry = self.live.setdefault(key, [0, nbytes])
+            entry[0] += 1
+        holder = _Held(t.detach())  # detached: holding an output must not make a grad_fn → holder cycle
+        # when autograd frees what a node saved, the holder dies: the storage is no longer held for backward
+        weakref.finalize(holder, self._release, key)
+        return holder
+
+    @staticmethod
+    def unpack(x):
+        return x.tensor if isinstance(x, _Held) else x
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+class _Held:
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+def saved_activation_bytes(fn, *args, **kwargs):
+    """Bytes that autograd saves for backward while ``fn(*args, **kwargs)`` runs, each storage counted once.
+
+    Parameters (and buffers) of ``fn`` when it is an ``nn.Module`` (or a bound method of one), and any
+    ``nn.Parameter``, are not activations and are excluded. Example: ``torch.exp`` saves its output, so
+    ``saved_activation_bytes(torch.exp, x)`` for x of 1000 float32 that requires grad is 4000.
+    """
+    if not callable(fn):
+        raise TypeError(f"saved_activation_bytes: fn must be callable, got {type(fn).__name__}")
+    owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
+    tracker = _SavedTensorTracker(_parameter_storages(owner, *args, *kwargs.values()))
+    with tracker.hooks():
+        out = fn(*args, **kwargs)
+    del out
+    return tracker.total_bytes
+
+
+def memory_timeline(model, inputs, loss_fn=None, *, modules=None):
+    """Live activation bytes over one forward + backward of ``model(inputs)``.
+
+    Returns a list of events ``{"phase", "module", "activation_bytes", "allocator_bytes"}``: one after each
+    leaf module's forward and one after its backward, plus start/loss/end markers. ``loss_fn(output)`` defaults
+    to ``output.float().pow(2).mean()``. ``allocator_bytes`` is ``torch.cuda.memory_allocated()`` on a GPU and
+    None on the CPU. ``modules`` restricts the events to those modules (default: all leaf modules).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"memory_timeline: model must be an nn.Module, got {type(model).__name__}")
+    if loss_fn is None:
+        loss_fn = lambda out: out.float().pow(2).mean()  # noqa: E731
+    device = next(model.parameters()).device
+    on_gpu = device.type == "cuda"
+    tracker = _SavedTensorTracker(_parameter_storages(model))
+    events = []
+
+    def record(phase, name):
+        events.append({
+            "phase": phase,
+            "module": name,
+            "activation_bytes": tracker.live_bytes,
+            "allocator_bytes": torch.cuda.memory_allocated(device) if on_gpu else None,
+        })
+
+    named = dict(model.named_modules())
+    if modules is None:
+        watch = [(n, m) for n, m in named.items() if n and not any(True for _ in m.children())]
+    else:
+        watch = [(n, named[n]) for n in modules]
+    handles = []
+    for name, mod in watch:
+        handles.append(mod.register_forward_hook(lambda m, i, o, name=name: record("forward", name)))
+        handles.append(mod.register_full_backward_hook(lambda m, gi, go, name=name: record("backward", name)))
+    try:
+        record("forward", "<start>")
+        with tracker.hooks():
+            out = model(inputs)
+            loss = loss_fn(out)
+        record("forward", "<loss>")
+        del out
+        with warnings.catch_warnings():
+            # full backward hooks warn when the model's inputs (token ids) need no gradient: expected here
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss.backward()
+        del loss
+        record("backward", "<end>")
+    finally:
+        for h in handles:
+            h.remove()
+    return events
+
+
+# --------------------------------------------------------------------------------------------------------------
+# peak memory
+# --------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet_stderr_fd():
+    """Silence C++ writes to file descriptor 2 (the profiler's "profiler_start" lines) for a moment."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # pragma: no cover - no fd 2
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def peak_memory(fn, *args, device=None, **kwargs):
+    """Peak bytes allocated *above what was allocated before* while ``fn(*args, **kwargs)`` runs.
+
+    GPU: the caching allocator's high-water mark. CPU: the profiler's allocation/free events of torch tensors,
+    summed in time order (deterministic here). Returns ``(peak_bytes, result_of_fn)``.
+    """
+    if not callable(fn):
+        raise TypeError(f"peak_memory: fn must be callable, got {type(fn).__name__}")
+    dev = torch.device(device) if device is not None else _guess_device(args, kwargs)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        result = fn(*args, **kwargs)
+        torch.cuda.synchronize(dev)
+        return torch.cuda.max_memory_allocated(dev) - base, result
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr_fd():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            result = fn(*args, **kwargs)
+    events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    events.sort()
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak, result
+
+
+def _guess_device(args, kwargs):
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a.device
+        if isinstance(a, nn.Module):
+            p = next(a.parameters(), None)
+            if p is not None:
+                return p.device
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# time
+# --------------------------------------------------------------------------------------------------------------
+
+
+def time_it(fn, *args, warmup=2, repeat=7, device=None, **kwargs):
+    """Median wall time of ``fn(*args, **kwargs)`` in seconds after ``warmup`` calls; GPU work is synchronised."""
+    for name, v in (("warmup", warmup), ("repeat", repeat)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "warmup" else 1):
+            raise ValueError(f"time_it: {name} must be an int ≥ {0 if name == 'warmup' else 1}, got {v!r}")
+    dev = torch.device(device) if device is not None else _guess_device(args, kwargs)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn(*args, **kwargs)
+    sync()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn(*args, **kwargs)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# parameters, bytes, FLOPs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def count_parameters(model, *, trainable_only=False):
+    """Number of parameters, each shared tensor counted once."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"count_parameters: model must be an nn.Module, got {type(model).__name__}")
+    seen, n = set(), 0
+    for p in model.parameters():
+        if trainable_only and not p.requires_grad:
+            continue
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+def parameter_bytes(model):
+    """Bytes of the parameters (each shared tensor once)."""
+    seen, n = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel() * p.element_size()
+    return n
+
+
+def tensor_bytes(*tensors):
+    """Bytes of tensors' storages, each storage counted once."""
+    seen, n = set(), 0
+    for t in tensors:
+        key, nbytes = _storage_key(t)
+        if key not in seen:
+            seen.add(key)
+            n += nbytes
+    return n
+
+
+def attention_flops(n, d_model, *, n_heads=1, causal=False, s=None):
+    """FLOPs of the attention *core* for one sequence: QKᵀ and (weights)·V, 2·n·s·d each (2 per multiply-add).
+
+    Independent of the number of heads (H heads of d/H cost the same as one of d). ``causal`` halves it (a
+    kernel that skips the masked half). The projections are counted by :func:`attention_projection_flops`.
+    """
+    s = n if s is None else s
+    flops = 2 * (2 * n * s * d_model)
+    return flops // 2 if causal else flops
+
+
+def attention_projection_flops(n, d_model):
+    """Q, K, V and output projections: 4 matmuls of (n × d)·(d × d)."""
+    return 4 * 2 * n * d_model * d_model
+
+
+def ffn_flops(n, d_model, d_ff=None):
+    """Position-wise FFN: (n × d)·(d × d_ff) and back."""
+    d_ff = 4 * d_model if d_ff is None else d_ff
+    return 2 * 2 * n * d_model * d_ff
+
+
+def layer_flops(n, d_model, d_ff=None, *, causal=False):
+    """FLOPs of one Transformer layer's forward, split into its parts (dict)."""
+    parts = {
+        "attention (QKᵀ, AV)": attention_flops(n, d_model, causal=causal),
+        "projections (QKVO)": attention_projection_flops(n, d_model),
+        "FFN": ffn_flops(n, d_model, d_ff),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def gradient_norms(model, *, per="block"):
+    """‖grad‖₂ per Transformer block (``per="block"``; layer 0 = closest to the input) or per parameter."""
+    if per == "block":
+        blocks = getattr(model, "blocks", None)
+        if blocks is None:
+            raise ValueError("gradient_norms: model has no .blocks; use per='parameter'")
+        norms = []
+        for b in blocks:
+            sq = sum(float(p.grad.detach().float().pow(2).sum()) for p in b.parameters() if p.grad is not None)
+            norms.append(sq ** 0.5)
+        return norms
+    if per == "parameter":
+        return {n: float(p.grad.detach().float().norm()) for n, p in model.named_parameters() if p.grad is not None}
+    raise ValueError(f"gradient_norms: per must be 'block' or 'parameter', got {per!r}")
+
+
+__all__ = [
+    "saved_activation_bytes", "memory_timeline", "peak_memory", "time_it", "count_parameters", "parameter_bytes",
+    "tensor_bytes", "attention_flops", "attention_projection_flops", "ffn_flops", "layer_flops", "gradient_norms",
+]

@@ -1,0 +1,133 @@
+"""One small training loop for every chapter (AdamW, optional warm-up, a tqdm progress bar, a history).
+
+    history = train(model, batches, steps=200, lr=3e-3, seed=0)
+    history["loss"]       # one value per step
+    history["val_loss"]   # every `eval_every` steps, when `val_batch` is given
+
+``batches`` is either a callable ``batch_fn(step) -> Batch`` (inputs, targets), a fixed ``Batch`` reused every
+step, or an iterable of batches. Targets use -100 where nothing is scored (``effedu.data.IGNORE``). Chapters
+that change the training step itself (checkpointing, mixed precision, micro-batching) pass ``step_fn``.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def lm_loss(logits, targets):
+    """Mean cross-entropy over the scored positions: logits ``(B, T, V)``, targets ``(B, T)`` (−100 = skip)."""
+    if logits.dim() != 3:
+        raise ValueError(f"lm_loss: logits must be (B, T, V), got shape {tuple(logits.shape)}")
+    if targets.shape != logits.shape[:2]:
+        raise ValueError(f"lm_loss: targets must be {tuple(logits.shape[:2])}, got {tuple(targets.shape)}")
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE)
+
+
+@torch.no_grad()
+def accuracy(logits, targets):
+    """Fraction of scored positions where argmax(logits) equals the target."""
+    scored = targets != IGNORE
+    if not scored.any():
+        return float("nan")
+    return float((logits.argmax(-1)[scored] == targets[scored]).float().mean())
+
+
+def _batch_source(batches):
+    if callable(batches):
+        return batches
+    if isinstance(batches, (tuple, list)) and len(batches) == 2 and all(isinstance(b, torch.Tensor) for b in batches):
+        return lambda step: batches
+    try:
+        it = iter(batches)
+    except TypeError:
+        raise TypeError(
+            f"train: batches must be a callable step -> (inputs, targets), an (inputs, targets) pair or an "
+            f"iterable of them, got {type(batches).__name__}"
+        ) from None
+    return lambda step: next(it)
+
+
+def default_step(model, inputs, targets, optimizer, grad_clip=None):
+    """forward → loss → backward → (clip the gradient norm) → optimizer step; returns the loss (a float)."""
+    optimizer.zero_grad(set_to_none=True)
+    logits = model(inputs)
+    loss = lm_loss(logits, targets)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return float(loss.detach())
+
+
+def train(model, batches, *, steps=100, lr=3e-3, weight_decay=0.01, warmup=0, grad_clip=1.0, seed=0,
+          val_batch=None, eval_every=None, step_fn=None, progress=True, device=None, desc="training"):
+    """Train ``model`` for ``steps`` steps; returns a history dict of lists (loss, lr, time, val_loss, val_acc)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+        raise ValueError(f"train: steps must be a positive int, got {steps!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"train: lr must be a positive number, got {lr!r}")
+    torch.manual_seed(seed)
+    device = device or next(model.parameters()).device
+    get_batch = _batch_source(batches)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+    # linear warm-up then cosine decay to 10 %
+    def lr_at(step):
+        if warmup and step < warmup:
+            return lr * (step + 1) / warmup
+        t = (step - warmup) / max(1, steps - warmup)
+        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    eval_every = eval_every or max(1, steps // 10)
+    history = {"step": [], "loss": [], "lr": [], "time": [], "val_step": [], "val_loss": [], "val_acc": []}
+    bar = range(steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(bar, desc=desc, leave=False)
+    t0 = time.perf_counter()
+    model.train()
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        inputs, targets = get_batch(step)
+        inputs, targets = inputs.to(device), targets.to(device)
+        if step_fn is None:
+            loss = default_step(model, inputs, targets, optimizer, grad_clip)
+        else:
+            loss = step_fn(model, inputs, targets, optimizer)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"train: loss became {loss} at step {step} (lower lr, or check the inputs)")
+        history["step"].append(step)
+        history["loss"].append(loss)
+        history["lr"].append(lr_at(step))
+        history["time"].append(time.perf_counter() - t0)
+        if val_batch is not None and ((step + 1) % eval_every == 0 or step == steps - 1):
+            vl, va = evaluate(model, val_batch)
+            history["val_step"].append(step)
+            history["val_loss"].append(vl)
+            history["val_acc"].append(va)
+            model.train()
+        if progress:
+            bar.set_postfix(loss=f"{loss:.3f}")
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def evaluate(model, batch):
+    """(loss, accuracy) of ``model`` on one ``(inputs, targets)`` batch, in eval mode."""
+    model.eval()
+    inputs, targets = batch
+    device = next(model.parameters()).device
+    logits = model(inputs.to(device))
+    targets = targets.to(device)
+    return float(lm_loss(logits, targets)), accuracy(logits, targets)
+
+
+__all__ = ["train", "evaluate", "lm_loss", "accuracy", "default_step", "IGNORE"]

@@ -1,0 +1,198 @@
+"""Tests of effedu.widgets: an explorer calls the plot function with its controls' values, re-runs on every change,
+shows the figure (or the error) in its Output, and rejects names the plot function does not have."""
+import matplotlib
+
+matplotlib.use("Agg")  # no display in tests; must come before pyplot is imported anywhere
+
+import functools  # noqa: E402
+
+import ipywidgets as widgets  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from effedu import viz  # noqa: E402
+from effedu.widgets import Explorer, explorer, static  # noqa: E402
+
+
+class Recorder:
+    """A plot function that remembers how it was called (and can be told to fail)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, n=128, temperature=1.0, method="naive", causal=False):
+        self.calls.append(dict(n=n, temperature=temperature, method=method, causal=causal))
+        if n == 13:
+            raise ValueError("n=13 is unlucky, expected anything else")
+        return viz.plot_curves({method: [temperature * i for i in range(1, n // 32 + 2)]}, title=f"n={n}")
+
+
+def _build(rec):
+    return explorer(
+        rec,
+        title="Try it",
+        n=(64, 512, 32),
+        temperature=(0.5, 2.0, 0.25),
+        method=["naive", "tiled"],
+        causal=True,
+    )
+
+
+def _images(out):
+    return [o for o in out.outputs if o["output_type"] == "display_data" and "image/png" in o["data"]]
+
+
+def test_explorer_builds_controls_and_first_plot():
+    rec = Recorder()
+    ex = _build(rec)
+    assert isinstance(ex, widgets.VBox) and isinstance(ex, Explorer)
+    c = ex.controls
+    assert isinstance(c["n"], widgets.IntSlider) and (c["n"].min, c["n"].max, c["n"].step) == (64, 512, 32)
+    assert isinstance(c["temperature"], widgets.FloatSlider) and c["temperature"].step == 0.25
+    assert isinstance(c["method"], widgets.Dropdown) and list(c["method"].options) == ["naive", "tiled"]
+    assert isinstance(c["causal"], widgets.Checkbox)
+    assert c["n"].continuous_update is False and c["temperature"].continuous_update is False
+    # one call at creation, with the plot function's own defaults where they fit (n=128, temperature=1.0) and
+    # the given checkbox value
+    assert rec.calls == [dict(n=128, temperature=1.0, method="naive", causal=True)]
+    assert isinstance(ex.last_figure, Figure)
+    assert ex.last_figure.axes[0].get_title() == "n=128"
+    assert len(_images(ex.output)) == 1
+    assert ex.output in ex.children
+    assert any(isinstance(w, widgets.HTML) and "Try it" in w.value for w in ex.children)
+
+
+def test_explorer_reruns_on_change():
+    rec = Recorder()
+    ex = _build(rec)
+    ex.controls["n"].value = 256
+    assert rec.calls[-1]["n"] == 256
+    ex.controls["method"].value = "tiled"
+    ex.controls["causal"].value = False
+    ex.controls["temperature"].value = 1.5
+    assert rec.calls[-1] == dict(n=256, temperature=1.5, method="tiled", causal=False)
+    assert len(rec.calls) == 5
+    assert ex.last_figure.axes[0].get_title() == "n=256"
+    assert len(_images(ex.output)) == 1  # replaced, not appended
+    ex.update()
+    assert len(rec.calls) == 6
+
+
+def test_explorer_shows_exceptions():
+    rec = Recorder()
+    ex = explorer(rec, n=(1, 64, 1, 13))  # starts in the failing state
+    assert ex.last_figure is None and isinstance(ex.last_error, ValueError)
+    (err,) = ex.output.outputs
+    assert err["output_type"] == "error" and err["ename"] == "ValueError"
+    assert "n=13 is unlucky" in err["evalue"]
+    assert any("n=13 is unlucky" in line for line in err["traceback"])
+    ex.controls["n"].value = 40  # recovers
+    assert ex.last_error is None and len(_images(ex.output)) == 1
+
+
+def test_explorer_shows_print_and_pyplot_figures():
+    def plot(k=1):
+        print(f"drawing k={k}")
+        plt.figure()
+        plt.plot(range(k + 1))
+        plt.title("pyplot")
+        # returns None: drew with pyplot
+
+    before = set(plt.get_fignums())
+    ex = explorer(plot, k=(1, 5, 1))
+    kinds = [o["output_type"] for o in ex.output.outputs]
+    assert kinds == ["stream", "display_data"]
+    assert ex.output.outputs[0]["text"] == "drawing k=1\n"
+    assert ex.last_figure.axes[0].get_title() == "pyplot"
+    assert set(plt.get_fignums()) == before  # closed: the inline backend will not show it again
+
+
+def test_explorer_wrong_return_type_is_shown():
+    ex = explorer(lambda n=1: "not a figure", n=(1, 3, 1))
+    assert isinstance(ex.last_error, TypeError)
+    assert "must return a matplotlib Figure" in ex.output.outputs[-1]["evalue"]
+
+
+def test_explorer_control_specs():
+    def plot(a=3, b=0.5, c="y", d=None):
+        return Figure()
+
+    ex = explorer(
+        plot,
+        a=(0, 10, 2, 6),  # explicit default
+        b=(0.0, 1.0, 0.05),  # function default 0.5 is in range
+        c={"ex": "x", "why": "y"},  # labels → values
+        d=widgets.IntText(value=7),  # used as is
+    )
+    assert ex.controls["a"].value == 6
+    assert ex.controls["b"].value == 0.5 and ex.controls["b"].readout_format == ".2f"
+    assert ex.controls["c"].value == "y" and ex.controls["c"].label == "why"
+    assert ex.controls["d"].value == 7 and ex.controls["d"].description == "d"
+    assert ex.values == dict(a=6, b=0.5, c="y", d=7)
+    # no usable function default → the minimum / the first choice
+    ex = explorer(lambda n, m="q": Figure(), n=(16, 64, 16), m=["a", "b"])
+    assert ex.controls["n"].value == 16 and ex.controls["m"].value == "a"
+
+
+@pytest.mark.parametrize(
+    "controls, exc, match",
+    [
+        (dict(nn=(1, 3, 1)), TypeError, r"'nn' is not a parameter of .*Recorder.*\(its keyword parameters: n, "),
+        (dict(n=5), TypeError, r"control n=5 \(int\) is not supported"),
+        (dict(n=(1, 2)), TypeError, r"control n=\(1, 2\) is not supported; a slider is \(min, max, step\)"),
+        (dict(n=("a", "b", "c")), TypeError, "control n=.* is not supported"),
+        (dict(n=(5, 1, 1)), ValueError, "min must be < max, got min=5, max=1"),
+        (dict(n=(1, 5, 0)), ValueError, "step must be > 0, got 0"),
+        (dict(n=(1, 5, 1, 9)), ValueError, r"default must lie in \[1, 5\], got 9"),
+        (dict(method=[]), ValueError, "control method: the list of choices is empty"),
+        (dict(n=widgets.Button()), TypeError, "control n is a Button, which has no .value"),
+        (dict(), TypeError, "give at least one control"),
+    ],
+)
+def test_explorer_rejects(controls, exc, match):
+    with pytest.raises(exc, match=match):
+        explorer(Recorder(), **controls)
+
+
+def test_explorer_rejects_missing_required_and_non_callable():
+    with pytest.raises(TypeError, match=r"has no default for 'm'"):
+        explorer(lambda n, m: Figure(), n=(1, 3, 1))
+    with pytest.raises(TypeError, match="plot_fn must be callable, got int"):
+        explorer(3, n=(1, 3, 1))
+    with pytest.raises(TypeError, match="title must be a str or None"):
+        explorer(Recorder(), title=5, n=(1, 3, 1))
+
+
+def test_explorer_accepts_kwargs_and_partial():
+    seen = {}
+
+    def plot(**kw):
+        seen.update(kw)
+        return Figure()
+
+    explorer(plot, anything=(1, 3, 1))
+    assert seen == {"anything": 1}
+    rec = Recorder()
+    explorer(functools.partial(rec, method="tiled"), n=(64, 128, 64))
+    assert rec.calls[-1]["method"] == "tiled"
+
+
+def test_static():
+    rec = Recorder()
+    fig = static(rec, n=64, method="tiled")
+    assert isinstance(fig, Figure)
+    assert rec.calls == [dict(n=64, temperature=1.0, method="tiled", causal=False)]
+    with pytest.raises(TypeError, match="'m' is not a parameter"):
+        static(rec, m=3)
+    with pytest.raises(ValueError, match="unlucky"):  # the static path raises plainly
+        static(rec, n=13)
+
+    def pyplot_plot(k=1):
+        plt.figure()
+        plt.plot([0, k])
+
+    before = set(plt.get_fignums())
+    fig = static(pyplot_plot, k=2)
+    assert isinstance(fig, Figure) and len(fig.axes) == 1
+    assert set(plt.get_fignums()) == before
