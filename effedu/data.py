@@ -113,7 +113,7 @@ class Batch(NamedTuple):
     targets: torch.Tensor
 
     def to(self, device) -> "Batch":
-        """The same batch on ``device`` (``Batch(*b).to("cuda")``)."""
+        """The same batch on ``device`` (e.g. ``batch.to("cuda")``)."""
         return Batch(self.inputs.to(device), self.targets.to(device))
 
     @property
@@ -542,7 +542,7 @@ def make_task(name: str, n_samples: int, seq_len: int, *, seed: int = 0, **kw) -
 
 
 def to_text(name: str, tokens) -> str:
-    """Print a row of a task's tokens readably: symbols as numbers, PAD ``_``, SEP ``|``, ListOps/bracket glyphs."""
+    """Render a row of a task's tokens readably: symbols as numbers, PAD ``_``, SEP ``|``, ListOps/bracket glyphs."""
     _check_name(name, "to_text")
     if isinstance(tokens, torch.Tensor):
         tokens = tokens.tolist()
@@ -568,7 +568,7 @@ def to_text(name: str, tokens) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 DEFAULT_CORPUS_PATH = Path(__file__).resolve().parent.parent / "data" / "tiny_corpus.txt"
-DEFAULT_N_SENTENCES = 4701  # gives about 200 KB with seed 0
+DEFAULT_N_SENTENCES = 4700  # gives about 200 KB with seed 0
 
 # Nouns as (singular, plural). Animate ones can see, sing, say things; inanimate ones are objects and places.
 _ANIMATE = [
@@ -1009,8 +1009,9 @@ def _main(argv: Sequence[str] | None = None) -> None:
         return
     for name in TASKS:
         b = make_task(name, 1, 24, seed=0)
-        scored = b.targets[0][b.mask[0]].tolist()
-        print(f"{name:9s} vocab={task_vocab_size(name):3d}  {to_text(name, b.inputs[0])}   -> scored {scored}")
+        scored = b.targets[0][b.mask[0]]
+        answer = f"label {scored.item()}" if name in NUM_CLASSES else to_text(name, scored)
+        print(f"{name:9s} vocab={task_vocab_size(name):3d}  {to_text(name, b.inputs[0])}   -> scored: {answer}")
     text = load_corpus()
     print(f"corpus: {len(text)} characters, {CharTokenizer(text).vocab_size} distinct; first line:")
     print(text.splitlines()[0])

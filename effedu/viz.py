@@ -37,7 +37,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import FixedLocator, MaxNLocator, NullFormatter, NullLocator
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter, NullLocator
 
 __all__ = [
     "CourseFigure",
@@ -240,11 +240,13 @@ def plot_attention_heads(
         query_tokens = tokens  # self-attention: the queries are the same tokens
 
     shown = min(H, int(max_heads))
-    ncols = min(shown, 4)
+    # at most 4 panels a row; the width that minimises rows + empty slots (5 → 3+2, 6 → 3+3, 8 → 4+4)
+    ncols = min(range(1, min(shown, 4) + 1), key=lambda c: (math.ceil(shown / c) + -shown % c, -shown % c))
     nrows = math.ceil(shown / ncols)
-    # a panel is ~2.8 in wide; with readable token labels it grows with the number of tokens (up to 5 in)
-    panel = 2.8 if tokens is None and query_tokens is None else min(5.0, max(2.8, 0.14 * max(T, S) + 1.0))
-    fig = _new_figure(ncols * panel + 1.0, nrows * panel + 0.7)
+    # a panel is ~2.6 in wide; with readable token labels it grows with the number of tokens (up to 5 in)
+    labelled = (tokens is not None and S <= 40) or (query_tokens is not None and T <= 40)
+    panel = min(5.0, max(2.6, 0.14 * max(T, S) + 1.0)) if labelled else 2.6
+    fig = _new_figure(ncols * panel + 1.6, nrows * panel + (1.3 if labelled else 0.8))
     grid = fig.subplots(nrows, ncols, squeeze=False)
 
     vmax = float(w[:shown].max())
@@ -274,7 +276,7 @@ def plot_attention_heads(
             ax.set_xlabel("key position j (token)")
         if left:
             ax.set_ylabel("query position i (token)")
-    fig.colorbar(image, ax=used, label="attention weight", shrink=0.9 if nrows > 1 else 1.0)
+    fig.colorbar(image, ax=used, label="attention weight", shrink=0.8 if nrows > 1 else 1.0, aspect=30)
     fig.suptitle(title if shown == H else f"{title} (first {shown} of {H} heads)")
     return fig
 
@@ -459,7 +461,7 @@ def plot_memory_timeline(timeline, *, title="Activation memory over one training
 
 
 def plot_gradient_flow(norms, *, title="Gradient norm per layer", log=True):
-    """‖∂L/∂θ_ℓ‖₂ of each layer ℓ, one line per setting (e.g. ``{"pre-LN": [...], "post-LN": [...]}``).
+    """The gradient norm ‖∂L/∂θ_ℓ‖₂ of each layer ℓ, one line per setting (``{"pre-LN": [..], "post-LN": [..]}``).
 
     Layer 0 is the one closest to the input. A healthy network has roughly flat lines; Post-LN Transformers at
     initialisation show gradients growing towards the output layers (Xiong et al. 2020), which is why they need a
@@ -490,7 +492,7 @@ def plot_gradient_flow(norms, *, title="Gradient norm per layer", log=True):
         ax.set_yscale("log")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer index ℓ (0 = closest to the input)")
-    ax.set_ylabel("gradient norm ‖∂L/∂θ_ℓ‖₂" + (" (log scale)" if log else ""))
+    ax.set_ylabel(r"gradient norm $\Vert\partial L/\partial\theta_\ell\Vert_2$" + (" (log scale)" if log else ""))
     ax.set_title(title)
     if len(norms) > 1:
         ax.legend()
@@ -648,6 +650,10 @@ def plot_bars(labels, values, *, ylabel, title, annotate=True, ax=None):
     bars = ax.bar(x, np.nan_to_num(v, nan=0.0), color="C0", width=0.7)
     crowded = v.size > 6 or max(len(lbl) for lbl in labels) > 12
     ax.set_xticks(x, labels=labels, rotation=30 if crowded else 0, ha="right" if crowded else "center")
+    finite = v[np.isfinite(v)]
+    if finite.size and 1e4 <= np.abs(finite).max() < 1e15:
+        # byte counts: 4,000,000 on the axis rather than "4" with a "1e6" offset in the corner
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda t, _: f"{t:,.0f}"))
     if annotate:
         ax.bar_label(bars, labels=[_fmt_number(val) for val in v], padding=2, fontsize=8)
         ax.margins(y=0.12)

@@ -305,7 +305,7 @@ class Explorer(widgets.VBox):
         """Re-run the plot function with the current values and show its figure; return the figure or None."""
         where = f"explorer({_fn_name(self.plot_fn)})"
         printed = io.StringIO()
-        items, figures = [], []
+        items, figures, caught, error = [], [], [], None
         before = _pyplot_fignums()
         try:
             with contextlib.redirect_stdout(printed), warnings.catch_warnings(record=True) as caught:
@@ -314,16 +314,11 @@ class Explorer(widgets.VBox):
             figures = _figures_of(result, before, where)
         except Exception as exc:  # shown to the learner below the sliders, not swallowed
             error = exc
-        else:
-            error = None
-            caught = list(caught)
-        finally:
-            for num in _pyplot_fignums() - before:  # pyplot figures made by a failing run must not leak
-                if error is not None:
-                    _pyplot().close(num)
+            for num in _pyplot_fignums() - before:  # pyplot figures of a failed run must not pile up
+                _pyplot().close(num)
         if printed.getvalue():
             items.append(_stream_item("stdout", printed.getvalue()))
-        if error is None and caught:
+        if caught:
             seen = dict.fromkeys(f"{w.category.__name__}: {w.message}\n" for w in caught)
             items.append(_stream_item("stderr", "".join(seen)))
         if error is not None:

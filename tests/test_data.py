@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import re
 import statistics
-import warnings
 from pathlib import Path
 
 import pytest

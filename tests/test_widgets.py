@@ -11,7 +11,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from effedu import viz  # noqa: E402
 from effedu.widgets import Explorer, explorer, static  # noqa: E402
 
 
@@ -25,7 +24,11 @@ class Recorder:
         self.calls.append(dict(n=n, temperature=temperature, method=method, causal=causal))
         if n == 13:
             raise ValueError("n=13 is unlucky, expected anything else")
-        return viz.plot_curves({method: [temperature * i for i in range(1, n // 32 + 2)]}, title=f"n={n}")
+        fig = Figure(figsize=(2, 1.5))  # small: every call is rendered to PNG
+        ax = fig.subplots()
+        ax.plot([temperature * i for i in range(1, n // 32 + 2)], label=method)
+        ax.set_title(f"n={n}")
+        return fig
 
 
 def _build(rec):
@@ -196,3 +199,16 @@ def test_static():
     fig = static(pyplot_plot, k=2)
     assert isinstance(fig, Figure) and len(fig.axes) == 1
     assert set(plt.get_fignums()) == before
+
+
+def test_explorer_shows_warnings_once_each():
+    import warnings
+
+    def plot(k=1):
+        for _ in range(3):
+            warnings.warn("slow path", UserWarning)
+        return Figure(figsize=(1, 1))
+
+    ex = explorer(plot, k=(1, 2, 1))
+    (stderr,) = [o for o in ex.output.outputs if o["output_type"] == "stream"]
+    assert stderr["name"] == "stderr" and stderr["text"] == "UserWarning: slow path\n"

@@ -132,11 +132,12 @@ def attention(q, k, v, *, causal=False, scale=None, backend="auto", block_size=N
             f"{where}: backend {name!r} computes the forward pass only (its backward arrives with chapter 19); "
             f"wrap the call in torch.no_grad() or use backend='torch'"
         )
-    from . import tiled_attention as _impl
-
-    fn = {"torch": _impl.attention_torch, "numba": _impl.attention_numba, "cuda": _impl.attention_cuda}[name]
+    impl = tiled_attention
+    fn = {"torch": impl.attention_torch, "numba": impl.attention_numba, "cuda": impl.attention_cuda}[name]
     out, lse = fn(q, k, v, causal=causal, scale=scale, block_size=block_size)
     return (out, lse) if return_lse else out
 
+
+from . import tiled_attention  # noqa: E402  (the implementations, readable as kernels.tiled_attention)
 
 __all__ = ["attention", "backends", "cuda_usable", "resolve_backend", "simulator_enabled", "BACKENDS"]

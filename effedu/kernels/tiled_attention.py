@@ -259,7 +259,7 @@ def _make_cuda_kernel(np_dtype, BLOCK, BK=None, DMAX=CUDA_MAX_HEAD_DIM):
         if causal:
             # causal block skipping: the tile's last query is min(q0 + BLOCK, T) − 1, later keys are never needed
             q_end = q0 + BLOCK
-            if q_end > T + 100:
+            if q_end > T:
                 q_end = T
             if q_end < k_end:
                 k_end = q_end
