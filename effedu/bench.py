@@ -97,7 +97,72 @@ def bench_attention(args):
     return "\n".join(lines)
 
 
-BUILTIN = {"attention": bench_attention}
+def bench_memory(args):
+    """The memory-saving training techniques side by side on one model: activation bytes, parameters, step time."""
+    import torch
+
+    from .general.checkpoint import checkpoint_model, predicted_activation_bytes, segment_plan
+    from .general.precision import MixedPrecisionModel
+    from .general.reversible import ReversibleTransformer
+    from .general.sharing import share_layers
+    from .measure import count_parameters, saved_activation_bytes, time_it
+    from .model import Transformer, TransformerConfig
+    from .train import lm_loss
+
+    torch.set_num_threads(args.threads)
+    L, d, T, B, V = (4, 128, 128, 4, 67) if args.quick else (12, 256, 512, 8, 67)
+    cfg = TransformerConfig(vocab_size=V, d_model=d, n_heads=4, n_layers=L, d_ff=4 * d, max_len=T)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, V, (B, T), generator=gen)
+    targets = torch.randint(0, V, (B, T), generator=gen)
+
+    def fresh(config=cfg):
+        torch.manual_seed(0)
+        return Transformer(config)
+
+    base_model = fresh()
+    variants = {
+        "plain": base_model,
+        "checkpoint every layer": checkpoint_model(base_model, "every"),
+        "checkpoint √L segments": checkpoint_model(base_model, "sqrt"),
+        "reversible": (torch.manual_seed(0), ReversibleTransformer(cfg))[1],
+        "bf16 compute + fp32 masters": MixedPrecisionModel(fresh(), torch.bfloat16),
+        "ALBERT all-shared": share_layers(fresh(), "all"),
+    }
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        lm_loss(model(tokens), targets).backward()
+
+    rows = {}
+    for name, model in variants.items():
+        saved = saved_activation_bytes(model, tokens)
+        t = time_it(step, model, warmup=1, repeat=3)
+        rows[name] = (saved, count_parameters(model), t)
+    plain_saved, _, plain_t = rows["plain"]
+    lines = [f"training step, {L} layers, d={d}, T={T}, B={B}, float32 unless stated, {args.threads} threads",
+             f"{'variant':30s} {'saved act. MiB':>15s} {'vs plain':>9s} {'parameters':>12s} {'step s':>8s} {'vs plain':>9s}"]
+    for name, (saved, n_params, t) in rows.items():
+        lines.append(f"{name:30s} {saved / 2**20:15.1f} {saved / plain_saved:8.1%} {n_params:12,d} {t:8.2f} "
+                     f"{t / plain_t:8.2f}×")
+    # targets of issue 3
+    one, two = (saved_activation_bytes(fresh(cfg.replace(n_layers=n)), tokens) for n in (1, 2))
+    a = two - one  # one layer, run plainly
+    c = B * T * d * 4  # one checkpoint: a layer's input
+    predicted = predicted_activation_bytes(segment_plan(L, "sqrt"), a, c, one - a)
+    measured = rows["checkpoint √L segments"][0]
+    rev2 = saved_activation_bytes((torch.manual_seed(0), ReversibleTransformer(cfg.replace(n_layers=2)))[1], tokens)
+    lines += ["",
+              f"target: √L checkpointing within 5% of the √L memory model → {measured / predicted - 1:+.1%}",
+              f"target: reversible {L} layers within 10% of 2 layers → {rows['reversible'][0] / rev2 - 1:+.1%}",
+              f"target: checkpointing time overhead ≤ 1.5× → every layer {rows['checkpoint every layer'][2] / plain_t:.2f}×, "
+              f"√L {rows['checkpoint √L segments'][2] / plain_t:.2f}×",
+              "saved act. = bytes saved for backward during the forward (measure.saved_activation_bytes); checkpointed "
+              "variants recompute a segment at a time in backward (see chapter 02 for the peak)"]
+    return "\n".join(lines)
+
+
+BUILTIN = {"attention": bench_attention, "memory": bench_memory}
 
 
 def discover():
