@@ -83,3 +83,24 @@ def check_positive_int(value, name, where):
     if value <= 0:
         raise ValueError(f"{where}: {name} must be a positive int, got {value}")
     return value
+
+
+def check_tokens(tokens, config, where):
+    """Token ids ``(B, T)`` for a model with ``config.vocab_size`` and ``config.max_len``; returns ``(B, T)``."""
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"{where}: tokens must be a torch.Tensor, got {type(tokens).__name__}")
+    if tokens.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{where}: tokens must be an integer tensor (int64), got {tokens.dtype}")
+    if tokens.dim() != 2:
+        raise ValueError(f"{where}: tokens must be (B, T), got shape {tuple(tokens.shape)}")
+    B, T = tokens.shape
+    if T == 0 or B == 0:
+        raise ValueError(f"{where}: empty batch or sequence (T ≥ 1 needed), got tokens of shape {tuple(tokens.shape)}")
+    if T > config.max_len:
+        raise ValueError(f"{where}: sequence length T={T} exceeds max_len={config.max_len}")
+    if int(tokens.min()) < 0 or int(tokens.max()) >= config.vocab_size:
+        raise ValueError(
+            f"{where}: token ids must lie in [0, vocab_size={config.vocab_size}), "
+            f"got min {int(tokens.min())}, max {int(tokens.max())}"
+        )
+    return B, T

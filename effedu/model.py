@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import attention as attention_registry
+from ._checks import check_tokens
 
 
 @dataclass
@@ -223,22 +224,7 @@ class Transformer(nn.Module):
     def forward(self, tokens, *, mask=None, return_attentions=False):
         """tokens ``(B, T)`` int64 → logits ``(B, T, vocab)``; ``return_attentions=True`` also returns a list of
         per-layer weights ``(B, H, T, T)`` (the attention function must support ``return_weights``)."""
-        if not isinstance(tokens, torch.Tensor):
-            raise TypeError(f"Transformer: tokens must be a torch.Tensor, got {type(tokens).__name__}")
-        if tokens.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"Transformer: tokens must be an integer tensor (int64), got {tokens.dtype}")
-        if tokens.dim() != 2:
-            raise ValueError(f"Transformer: tokens must be (B, T), got shape {tuple(tokens.shape)}")
-        B, T = tokens.shape
-        if T > self.config.max_len:
-            raise ValueError(f"Transformer: sequence length T={T} exceeds max_len={self.config.max_len}")
-        if T == 0:
-            raise ValueError("Transformer: empty sequence (T=0)")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
-            raise ValueError(
-                f"Transformer: token ids must lie in [0, vocab_size={self.config.vocab_size}), "
-                f"got min {int(tokens.min())}, max {int(tokens.max())}"
-            )
+        B, T = check_tokens(tokens, self.config, "Transformer")
         pos = torch.arange(T, device=tokens.device)
         x = self.drop(self.tok_emb(tokens) + self.pos_emb(pos))  # (B, T, d)
         attentions = []

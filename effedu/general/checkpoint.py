@@ -62,6 +62,7 @@ import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
+from .._checks import check_tokens
 from ..measure import _SavedTensorTracker, _parameter_storages
 
 __all__ = [
@@ -446,19 +447,7 @@ class CheckpointedTransformer(nn.Module):
     def forward(self, tokens, *, mask=None):
         """tokens ``(B, T)`` int64 → logits ``(B, T, vocab)``, the model's own computation."""
         m = self.model
-        if not isinstance(tokens, torch.Tensor):
-            raise TypeError(f"CheckpointedTransformer: tokens must be a torch.Tensor, got {type(tokens).__name__}")
-        if tokens.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"CheckpointedTransformer: tokens must be an integer tensor (int64), got {tokens.dtype}")
-        if tokens.dim() != 2 or tokens.shape[1] == 0:
-            raise ValueError(f"CheckpointedTransformer: tokens must be (B, T) with T ≥ 1, "
-                             f"got shape {tuple(tokens.shape)}")
-        B, T = tokens.shape
-        if T > m.config.max_len:
-            raise ValueError(f"CheckpointedTransformer: sequence length T={T} exceeds max_len={m.config.max_len}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= m.config.vocab_size):
-            raise ValueError(f"CheckpointedTransformer: token ids must lie in [0, vocab_size={m.config.vocab_size}), "
-                             f"got min {int(tokens.min())}, max {int(tokens.max())}")
+        B, T = check_tokens(tokens, m.config, "CheckpointedTransformer")
         pos = torch.arange(T, device=tokens.device)
         x = m.drop(m.tok_emb(tokens) + m.pos_emb(pos))  # (B, T, d)
         layers = list(m.blocks) if mask is None else [

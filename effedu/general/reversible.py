@@ -64,6 +64,7 @@ import math
 import torch
 import torch.nn as nn
 
+from .._checks import check_tokens
 from ..model import FeedForward, MultiHeadAttention, TransformerConfig
 
 __all__ = [
@@ -471,27 +472,8 @@ class ReversibleTransformer(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def _check_tokens(self, tokens):
-        where = "ReversibleTransformer"
-        if not isinstance(tokens, torch.Tensor):
-            raise TypeError(f"{where}: tokens must be a torch.Tensor, got {type(tokens).__name__}")
-        if tokens.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"{where}: tokens must be an integer tensor (int64), got {tokens.dtype}")
-        if tokens.dim() != 2:
-            raise ValueError(f"{where}: tokens must be (B, T), got shape {tuple(tokens.shape)}")
-        B, T = tokens.shape
-        if T == 0 or B == 0:
-            raise ValueError(f"{where}: empty batch or sequence, got tokens of shape {tuple(tokens.shape)}")
-        if T > self.config.max_len:
-            raise ValueError(f"{where}: sequence length T={T} exceeds max_len={self.config.max_len}")
-        if int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size:
-            raise ValueError(
-                f"{where}: token ids must lie in [0, vocab_size={self.config.vocab_size}), "
-                f"got min {int(tokens.min())}, max {int(tokens.max())}"
-            )
-
     def forward(self, tokens, *, memory_efficient=True):
-        self._check_tokens(tokens)
+        check_tokens(tokens, self.config, "ReversibleTransformer")
         T = tokens.shape[1]
         pos = torch.arange(T, device=tokens.device)
         x = self.drop(self.tok_emb(tokens) + self.pos_emb(pos))  # (B, T, d)
