@@ -9,8 +9,11 @@
 ``numba.cuda.is_available()`` is True, so the simulator is only used when asked for by name (that is how the
 tests exercise the CUDA kernels on machines without a GPU).
 
-Adding a kernel for a later chapter = a new module here holding its torch / numba / cuda versions side by side,
-plus a dispatching function built with :func:`dispatch` below.
+Adding a kernel for a later chapter = a new module here holding its torch / numba / cuda versions side by side
+and its public, validating entry point (which calls :func:`resolve_backend`), re-exported lazily below:
+
+    kernels.block_sparse_attention(q, k, v, layout, block_size=64)      # chapter 15 (kernels/block_sparse.py)
+    kernels.causal_linear_attention(phi_q, phi_k, v)                    # chapter 18 (kernels/linear_attention.py)
 """
 from __future__ import annotations
 
@@ -140,4 +143,20 @@ def attention(q, k, v, *, causal=False, scale=None, backend="auto", block_size=N
 
 from . import tiled_attention  # noqa: E402  (the implementations, readable as kernels.tiled_attention)
 
-__all__ = ["attention", "backends", "cuda_usable", "resolve_backend", "simulator_enabled", "BACKENDS"]
+# entry points of later chapters' kernels, imported on first use (each lives in its own module)
+_LAZY = {
+    "block_sparse_attention": "block_sparse",
+    "causal_linear_attention": "linear_attention",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["attention", "backends", "cuda_usable", "resolve_backend", "simulator_enabled", "BACKENDS",
+           "block_sparse_attention", "causal_linear_attention"]
