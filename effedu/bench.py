@@ -94,7 +94,65 @@ def bench_attention(args):
                          f"{mem['naive'] / mem['numba']:.0f}× below")
     lines.append("peak extra = torch allocations seen by the profiler during the call (+ the numba kernel's own "
                  "workspace, computed from its allocations: numba_workspace_bytes)")
+    lines += ["", _bench_attention_backward(args, ns)]
+    for sub in ATTENTION_CHAPTERS:
+        fn = discover().get(sub)
+        if fn is not None:
+            lines += ["", f"-- {sub} (chapter benchmark, also runnable alone: python -m effedu.bench {sub}) --", fn(args)]
     return "\n".join(lines)
+
+
+def _bench_attention_backward(args, ns):
+    """Forward + backward of exact attention: SDPA vs the materialised path vs effedu's numba tiled kernels."""
+    import torch
+    import torch.nn.functional as F
+
+    from . import kernels
+    from .attention.dense import softmax_attention
+    from .attention.memory_efficient import fwd_bwd
+    from .kernels.tiled_attention import numba_workspace_bytes
+    from .measure import peak_memory, time_it
+
+    B, H, D = 1, 8, 64
+    gen = torch.Generator().manual_seed(1)
+    lines = [f"attention forward+backward (grads of q, k, v), B={B} H={H} D={D} float32, {args.threads} threads; "
+             "ratios = time / SDPA's forward+backward in the same run",
+             f"{'n':>6} {'causal':>6} | {'SDPA ms':>8} | {'naive ms':>8} {'':>6} | {'numba ms':>8} {'':>6} || "
+             f"peak extra MiB: {'SDPA':>8} {'naive':>8} {'numba':>8}"]
+    lines.append("-" * len(lines[-1]))
+    ratio_2048 = {}
+    for n in ns:
+        for causal in (False, True):
+            q, k, v, dout = (torch.randn(B, H, n, D, generator=gen) for _ in range(4))
+            paths = {
+                "sdpa": lambda a, b, c, _c=causal: F.scaled_dot_product_attention(a, b, c, is_causal=_c),
+                "naive": lambda a, b, c, _c=causal: softmax_attention(a, b, c, causal=_c),
+                "numba": lambda a, b, c, _c=causal: kernels.attention(a, b, c, causal=_c, backend="numba"),
+            }
+            t, mem = {}, {}
+            for name, fn in paths.items():
+                if name == "naive" and n > 2048:  # 3 n×n float32 matrices per head kept for backward: GiBs
+                    t[name] = mem[name] = None
+                    continue
+                t[name] = time_it(fwd_bwd, fn, q, k, v, dout, warmup=1, repeat=3 if n >= 4096 else 5)
+                mem[name], _ = peak_memory(fwd_bwd, fn, q, k, v, dout)
+            mem["numba"] += numba_workspace_bytes(n, n, D, D, itemsize=4, backward=True)
+            if n == 2048:
+                ratio_2048[causal] = t["numba"] / t["sdpa"]
+            lines.append(f"{n:>6} {str(causal):>6} | {_fmt_ms(t['sdpa'])} | {_fmt_ms(t['naive'])} "
+                         f"{_fmt_ratio(t['naive'], t['sdpa']):>6} | {_fmt_ms(t['numba'])} "
+                         f"{_fmt_ratio(t['numba'], t['sdpa']):>6} || {'':>15} {_fmt_mib(mem['sdpa']):>8} "
+                         f"{_fmt_mib(mem['naive']):>8} {_fmt_mib(mem['numba']):>8}")
+            sys.stdout.flush()
+    if ratio_2048:
+        lines += ["", "target: tiled exact attention forward+backward ≤ 2× SDPA's at n=2048 → "
+                  + ", ".join(f"{'causal' if c else 'full'} {r:.2f}×" for c, r in ratio_2048.items())]
+    lines.append("naive forward+backward is not run above n=2048 (it keeps three n×n matrices per head)")
+    return "\n".join(lines)
+
+
+# chapter benchmarks that `attention` runs after its own tables (each is also runnable alone)
+ATTENTION_CHAPTERS = ("sparse", "lowrank", "kernelized")
 
 
 def bench_memory(args):
@@ -202,7 +260,9 @@ def main(argv=None):
 
     effedu.env_report()
     print()
-    for name in args.names or sorted(benches):
+    # `attention` already includes the attention chapters' tables: running everything should not repeat them
+    default = [n for n in sorted(benches) if n not in ATTENTION_CHAPTERS or "attention" not in benches]
+    for name in args.names or default:
         print(f"== {name} ==")
         print(benches[name](args))
         print()

@@ -17,3 +17,10 @@ def test_memory_bench_quick_meets_the_deterministic_targets():
     assert abs(sqrt) <= 5.0 and abs(rev) <= 10.0
     for name in ("plain", "checkpoint every layer", "reversible", "bf16 compute + fp32 masters", "ALBERT all-shared"):
         assert name in table
+
+
+def test_attention_backward_table_runs_and_states_its_target():
+    table = bench._bench_attention_backward(argparse.Namespace(threads=1, quick=True), [256])
+    rows = [ln for ln in table.splitlines() if re.match(r"\s+256\s+(True|False)", ln)]
+    assert len(rows) == 2 and all("×" in r for r in rows)
+    assert "forward+backward" in table and "target" not in table  # the target line needs n=2048

@@ -263,3 +263,70 @@ def test_cuda_kernel_compiles_for_hopper(monkeypatch, np_dtype, block, D):
     finally:
         os.remove(src)
     assert r.returncode == 0, r.stderr
+
+
+# ------------------------------------------------------------------------------------------------------------
+# chapter 19: the backward kernels
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _grads_vs_sdpa(q, k, v, *, causal, block_size=None, gtol=None):
+    q, k, v = (x.detach().requires_grad_(True) for x in (q, k, v))
+    dout = torch.randn(*q.shape[:-1], v.shape[-1], generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    out = kernels.attention(q, k, v, causal=causal, backend="cuda", block_size=block_size)
+    got = torch.autograd.grad(out, (q, k, v), dout.to(q.dtype).to(q.device))
+    r = [x.detach().cpu().double().requires_grad_(True) for x in (q, k, v)]
+    ref = torch.autograd.grad(F.scaled_dot_product_attention(*r, is_causal=causal), r, dout)
+    tol = gtol or {torch.float32: dict(atol=2e-4, rtol=2e-3), torch.float64: dict(atol=1e-9, rtol=1e-8)}[q.dtype]
+    for name, a, b in zip("qkv", got, ref):
+        assert a.device == q.device and a.dtype == q.dtype
+        torch.testing.assert_close(a.cpu(), b.to(q.dtype), **tol, msg=lambda m: f"d{name}: {m}")
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("T, S, block", [(257, 257, 32), (100, 333, 64), (333, 100, 16), (1, 50, 8)])
+def test_gpu_backward_matches_sdpa(dtype, causal, T, S, block):
+    _grads_vs_sdpa(*_qkv(2, 3, T, S, 64, 64, dtype, "cuda", seed=T), causal=causal, block_size=block)
+
+
+@gpu
+@needs_gpu
+def test_gpu_backward_wide_heads_and_gradcheck():
+    _grads_vs_sdpa(*_qkv(1, 2, 70, 70, 128, 96, torch.float64, "cuda", seed=1), causal=True, block_size=32)
+    q, k, v = (x.requires_grad_(True) for x in _qkv(1, 1, 6, 7, 4, 3, torch.float64, "cuda", seed=2))
+    fn = lambda a, b, c: kernels.attention(a, b, c, causal=True, backend="cuda", block_size=8)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["dkdv_kernel", "dq_kernel"])
+def test_cuda_backward_kernels_avoid_builtin_min_max(name):
+    tree = ast.parse(textwrap.dedent(inspect.getsource(ta._make_cuda_bwd_kernels)))
+    kernel = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == name)
+    used = {n.func.id for n in ast.walk(kernel) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    assert not used & {"min", "max"}, f"builtin {sorted(used & {'min', 'max'})} in {name}"
+
+
+@needs_simulator_off
+@pytest.mark.skipif(not _nvvm_available(), reason="needs libNVVM (CUDA toolkit) to compile the kernel to PTX")
+@pytest.mark.parametrize("np_dtype, block, D", [(np.float32, 32, 64), (np.float64, 32, 128), (np.float32, 128, 128)])
+def test_cuda_backward_kernels_compile_for_hopper(monkeypatch, np_dtype, block, D):
+    import numba.cuda.dispatcher as dispatcher
+    from numba import boolean, cuda, float32, float64, types
+
+    if not hasattr(dispatcher, "get_current_device"):
+        pytest.skip("this numba.cuda has no dispatcher.get_current_device to stand in for a GPU")
+    monkeypatch.setattr(dispatcher, "get_current_device", lambda: type("Dev", (), {"compute_capability": (9, 0)})())
+    bk, dmax = ta._cuda_tile_dims(np_dtype, block, D, D)
+    dkdv, dq = ta._make_cuda_bwd_kernels(np_dtype, block, bk, dmax)
+    nb = float32 if np_dtype == np.float32 else float64
+    a3, a2 = types.Array(nb, 3, "C"), types.Array(nb, 2, "C")
+    for kern, sig in ((dkdv, (a3, a3, a3, a3, a2, a2, a3, a3, nb, boolean)), (dq, (a3, a3, a3, a3, a2, a2, a3, nb, boolean))):
+        ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=(9, 0))
+        if np_dtype == np.float32:
+            f64_math = [ln for ln in ptx.splitlines() if ".f64" in ln and "cvt" not in ln]
+            assert not f64_math, f64_math[:5]
+        # static shared memory of the backward: two tiles + two row vectors, within 48 KiB
+        assert (2 * bk * dmax + 2 * bk) * np.dtype(np_dtype).itemsize <= ta.CUDA_STATIC_SMEM_BYTES

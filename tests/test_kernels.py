@@ -79,12 +79,12 @@ def test_auto_picks_numba_on_cpu_and_never_the_simulator():
     assert set(status) == {"torch", "numba", "cuda"} and status["torch"] == "ok" and status["numba"] == "ok"
 
 
-def test_numba_refuses_autograd_with_a_clear_message():
+def test_numba_is_differentiable_since_chapter_19():
     q, k, v = qkv(T=5, requires_grad=True)
-    with pytest.raises(ValueError, match="forward pass only.*chapter 19"):
-        kernels.attention(q, k, v, backend="numba")
-    with torch.no_grad():
-        kernels.attention(q, k, v, backend="numba")  # fine without autograd
+    out = kernels.attention(q, k, v, backend="numba")
+    assert out.requires_grad and out.grad_fn is not None
+    out.sum().backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in (q, k, v))
 
 
 @pytest.mark.parametrize(

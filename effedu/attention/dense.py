@@ -63,8 +63,8 @@ def tiled_attention(q, k, v, *, mask=None, causal=False, scale=None, return_weig
     """The same attention through ``effedu.kernels.attention`` (online softmax, no T×S matrix).
 
     The kernel takes no arbitrary mask and never forms the weights, so ``mask`` and ``return_weights`` are
-    refused with a clear error rather than ignored. With gradients required it uses the torch backend (the
-    numba/cuda backward arrives with chapter 19).
+    refused with a clear error rather than ignored. Differentiable on every backend (chapter 19's backward by
+    recomputation); ``backend="auto"`` picks numba on the CPU.
     """
     from .. import kernels
 
@@ -72,8 +72,6 @@ def tiled_attention(q, k, v, *, mask=None, causal=False, scale=None, return_weig
         raise ValueError("tiled_attention: mask is not supported by the tiled kernel (only causal=); use 'dense'")
     if return_weights:
         raise ValueError("tiled_attention: return_weights=True is impossible without the T×S matrix; use 'dense'")
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)) and backend == "auto":
-        backend = "torch"
     return kernels.attention(q, k, v, causal=causal, scale=scale, backend=backend)
 
 

@@ -108,16 +108,44 @@ def resolve_backend(backend, device, dtype, where):
 DEFAULT_BLOCK = {"torch": 256, "numba": 256, "cuda": 32}
 
 
+class _TiledAttention(torch.autograd.Function):
+    """Forward by the chosen backend; backward by recomputation from the saved log-sum-exp (chapter 19).
+
+    Saved for backward: q, k, v (the caller holds them anyway), out and lse — O(T·D), never the T×S weights.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, name, block_size):
+        fwd = {"torch": tiled_attention.attention_torch, "numba": tiled_attention.attention_numba,
+               "cuda": tiled_attention.attention_cuda}[name]
+        with torch.no_grad():  # the torch reference must not record its own graph (that would store every tile)
+            out, lse = fwd(q, k, v, causal=causal, scale=scale, block_size=block_size)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.scale, ctx.name, ctx.block_size = causal, scale, name, block_size
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        bwd = {"torch": tiled_attention.attention_backward_torch, "numba": tiled_attention.attention_backward_numba,
+               "cuda": tiled_attention.attention_backward_cuda}[ctx.name]
+        dq, dk, dv = bwd(q, k, v, out, lse, dout.contiguous(), causal=ctx.causal, scale=ctx.scale,
+                         block_size=ctx.block_size)
+        return dq, dk, dv, None, None, None, None
+
+
 def attention(q, k, v, *, causal=False, scale=None, backend="auto", block_size=None, return_lse=False):
     """Exact softmax attention, tiled (online softmax): never materialises the T×S score matrix.
 
     q ``(B, H, T, D)``, k ``(B, H, S, D)``, v ``(B, H, S, Dv)`` → ``(B, H, T, Dv)`` in q's dtype.
     ``causal``: query i attends to keys j ≤ i (top-left aligned, as SDPA). ``scale`` defaults to 1/√D.
     ``block_size``: tile edge (queries and keys per tile); defaults 256 (torch, numba) and 32 (cuda).
-    ``return_lse=True`` also returns the per-row log-sum-exp ``(B, H, T)`` a backward pass needs.
+    ``return_lse=True`` also returns the per-row log-sum-exp ``(B, H, T)`` (not differentiable).
 
-    Forward only for the numba and cuda backends in this chapter: with autograd on and inputs that require
-    grad, use ``backend="torch"`` (differentiable through torch ops) until chapter 19 adds their backward.
+    Differentiable on every backend: the backward recomputes the weights tile by tile from the saved
+    log-sum-exp (numba and CUDA backward kernels; torch ops for ``"torch"``), so training memory is O(T·D) too.
     """
     where = "attention"
     B, H, T, S, D, Dv = check_qkv(q, k, v, where=where)
@@ -130,14 +158,7 @@ def attention(q, k, v, *, causal=False, scale=None, backend="auto", block_size=N
     check_positive_int(block_size, "block_size", where)
     if name == "cuda" and block_size not in (8, 16, 32, 64, 128):
         raise ValueError(f"{where}: block_size for backend 'cuda' must be one of 8, 16, 32, 64, 128 (threads per block), got {block_size}")
-    if name != "torch" and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-        raise ValueError(
-            f"{where}: backend {name!r} computes the forward pass only (its backward arrives with chapter 19); "
-            f"wrap the call in torch.no_grad() or use backend='torch'"
-        )
-    impl = tiled_attention
-    fn = {"torch": impl.attention_torch, "numba": impl.attention_numba, "cuda": impl.attention_cuda}[name]
-    out, lse = fn(q, k, v, causal=causal, scale=scale, block_size=block_size)
+    out, lse = _TiledAttention.apply(q, k, v, causal, float(scale), name, block_size)
     return (out, lse) if return_lse else out
 
 

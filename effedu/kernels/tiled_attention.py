@@ -25,7 +25,20 @@ Backends (same signature, same results up to float rounding):
   * ``attention_cuda`` — ``@cuda.jit``: one thread block per (batch·head, query tile), one thread per query row,
     K and V tiles staged in shared memory.
 
-Forward only in this chapter (01); the backward by recomputation from ``lse`` arrives with chapter 19.
+Backward by recomputation (chapter 19; Dao et al. 2022, Alg. 4; Dao 2023, FlashAttention-2). The forward saves
+only q, k, v, out and the per-row log-sum-exp — O(T·D), never the T×S weights. Given ``dout``:
+
+    δ_i    = Σ_d dout_id · out_id                      one number per query row (the softmax Jacobian's trace)
+    p_ij   = exp(s_ij − lse_i)                         the weights, recomputed one tile at a time
+    dV_j   = Σ_i p_ij dout_i                           dP_ij = dout_i · v_j
+    dS_ij  = p_ij (dP_ij − δ_i)                        softmax backward, row by row
+    dQ_i   = scale · Σ_j dS_ij k_j                     dK_j = scale · Σ_i dS_ij q_i
+
+dK and dV of one key tile need every query tile; dQ of one query tile needs every key tile. The numba and CUDA
+backward kernels therefore run two parallel sweeps, as FlashAttention-2 does: one over key tiles (accumulating
+dK, dV privately, no write conflicts) and one over query tiles (dQ). Each recomputes S and P: 7 tile products
+instead of the forward's 2, the price of O(T) memory. Causal tiles that lie wholly in the future are skipped in
+both sweeps.
 """
 from __future__ import annotations
 
@@ -76,6 +89,42 @@ def attention_torch(q, k, v, *, causal=False, scale=1.0, block_size=256):
     out = acc / l
     lse = (m + torch.log(l)).squeeze(-1)
     return out.to(q.dtype), lse
+
+
+def attention_backward_torch(q, k, v, out, lse, dout, *, causal=False, scale=1.0, block_size=256):
+    """Gradients ``(dq, dk, dv)`` by recomputation from ``lse``, one key tile at a time, in torch ops.
+
+    Vectorised over batch, heads and all queries; the largest temporary is one (B, H, T, block_size) tile.
+    """
+    B, H, T, D = q.shape
+    S = k.shape[2]
+    acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    qs = q.to(acc) * scale
+    do = dout.to(acc)
+    # δ_i = Σ_d dout_id · out_id                                                   (B, H, T, 1)
+    delta = (do * out.to(acc)).sum(dim=-1, keepdim=True)
+    lse_ = lse.to(acc).unsqueeze(-1)
+    dq = torch.zeros_like(qs)
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    rows = torch.arange(T, device=q.device).view(T, 1)
+    for k0 in range(0, S, block_size):
+        if causal and k0 > T - 1:
+            break
+        k1 = min(k0 + block_size, S)
+        kt, vt = k[:, :, k0:k1].to(acc), v[:, :, k0:k1].to(acc)
+        # p_ij = exp(s_ij − lse_i)                                                 (B, H, T, Bk)
+        s = qs @ kt.transpose(-2, -1)
+        if causal:
+            s = s.masked_fill(torch.arange(k0, k1, device=q.device).view(1, -1) > rows, -math.inf)
+        p = torch.exp(s - lse_)
+        # dV_j = Σ_i p_ij dout_i ;  dP_ij = dout_i · v_j ;  dS_ij = p_ij (dP_ij − δ_i)
+        dv[:, :, k0:k1] = p.transpose(-2, -1) @ do
+        ds = p * (do @ vt.transpose(-2, -1) - delta)
+        # dQ_i += Σ_j dS_ij k_j (scale applied at the end) ;  dK_j = scale · Σ_i dS_ij q_i
+        dq += ds @ kt
+        dk[:, :, k0:k1] = ds.transpose(-2, -1) @ qs
+    return (dq * scale).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -136,6 +185,95 @@ def _attention_numba_kernel(q, k, v, out, lse, scale, causal, bq, bk):
             lse[bh, q0 + i] = m[i] + math.log(l[i])
 
 
+@njit(parallel=True, fastmath=False, cache=True, nogil=True)
+def _attention_bwd_dkdv_kernel(q, k, v, dout, lse, delta, dk, dv, scale, causal, bq, bk):
+    # sweep 1: one job per (batch·head, key tile); dK and dV of the tile accumulate privately
+    BH, T, D = q.shape
+    S = k.shape[1]
+    Dv = v.shape[2]
+    n_kt = (S + bk - 1) // bk
+    for job in prange(BH * n_kt):
+        bh = job // n_kt
+        k0 = (job % n_kt) * bk
+        k1 = min(k0 + bk, S)
+        nk = k1 - k0
+        kt = k[bh, k0:k1]
+        vt = v[bh, k0:k1]
+        dk_acc = np.zeros((nk, D), dtype=q.dtype)
+        dv_acc = np.zeros((nk, Dv), dtype=q.dtype)
+        # causal block skipping: queries i < k0 see none of these keys; start at the tile holding query k0
+        q_start = (k0 // bq) * bq if causal else 0
+        for q0 in range(q_start, T, bq):
+            q1 = min(q0 + bq, T)
+            nq = q1 - q0
+            qt = q[bh, q0:q1] * scale  # (nq, D)
+            dot = dout[bh, q0:q1]  # (nq, Dv)
+            ncols = np.empty(nq, dtype=np.int64)
+            shift = np.empty(nq, dtype=q.dtype)
+            for i in range(nq):
+                lim = nk
+                if causal:
+                    lim = max(0, min(nk, q0 + i - k0 + 1))
+                ncols[i] = lim
+                shift[i] = lse[bh, q0 + i]
+            # p_ij = exp(s_ij − lse_i)                                    (nq, nk), recomputed
+            p = np.dot(qt, kt.T)
+            exp_rows(p, shift, ncols)
+            # dV_j += Σ_i p_ij dout_i
+            dv_acc += np.dot(p.T, dot)
+            # dS_ij = p_ij (dP_ij − δ_i),  dP = dout Vᵀ
+            dp = np.dot(dot, vt.T)
+            for i in range(nq):
+                di = delta[bh, q0 + i]
+                for j in range(nk):
+                    p[i, j] = p[i, j] * (dp[i, j] - di)
+            # dK_j += Σ_i dS_ij (scale · q_i)
+            dk_acc += np.dot(p.T, qt)
+        dk[bh, k0:k1] = dk_acc
+        dv[bh, k0:k1] = dv_acc
+
+
+@njit(parallel=True, fastmath=False, cache=True, nogil=True)
+def _attention_bwd_dq_kernel(q, k, v, dout, lse, delta, dq, scale, causal, bq, bk):
+    # sweep 2: one job per (batch·head, query tile); dQ of the tile accumulates privately
+    BH, T, D = q.shape
+    S = k.shape[1]
+    n_qt = (T + bq - 1) // bq
+    for job in prange(BH * n_qt):
+        bh = job // n_qt
+        q0 = (job % n_qt) * bq
+        q1 = min(q0 + bq, T)
+        nq = q1 - q0
+        qt = q[bh, q0:q1] * scale
+        dot = dout[bh, q0:q1]
+        dq_acc = np.zeros((nq, D), dtype=q.dtype)
+        ncols = np.empty(nq, dtype=np.int64)
+        shift = np.empty(nq, dtype=q.dtype)
+        for i in range(nq):
+            shift[i] = lse[bh, q0 + i]
+        k_end = min(S, q1) if causal else S
+        for k0 in range(0, k_end, bk):
+            k1 = min(k0 + bk, k_end)
+            nk = k1 - k0
+            for i in range(nq):
+                lim = nk
+                if causal:
+                    lim = max(0, min(nk, q0 + i - k0 + 1))
+                ncols[i] = lim
+            p = np.dot(qt, k[bh, k0:k1].T)
+            exp_rows(p, shift, ncols)
+            dp = np.dot(dot, v[bh, k0:k1].T)
+            for i in range(nq):
+                di = delta[bh, q0 + i]
+                for j in range(nk):
+                    p[i, j] = p[i, j] * (dp[i, j] - di)
+            # dQ_i += Σ_j dS_ij k_j   (× scale below)
+            dq_acc += np.dot(p, k[bh, k0:k1])
+        for i in range(nq):
+            for d in range(D):
+                dq[bh, q0 + i, d] = dq_acc[i, d] * scale
+
+
 _BLAS_CONTROLLER = None
 
 
@@ -173,18 +311,47 @@ def attention_numba(q, k, v, *, causal=False, scale=1.0, block_size=256):
     return out.reshape(B, H, T, Dv), lse.reshape(B, H, T)
 
 
-def numba_workspace_bytes(T, S, D, Dv, *, block_size=256, itemsize=4, n_threads=None):
+def attention_backward_numba(q, k, v, out, lse, dout, *, causal=False, scale=1.0, block_size=256):
+    """numba backward (two sweeps, see the module docstring); returns ``(dq, dk, dv)`` as torch tensors."""
+    B, H, T, D = q.shape
+    S, Dv = k.shape[2], v.shape[3]
+    flat = lambda x, n, d: x.detach().contiguous().reshape(B * H, n, d)  # noqa: E731
+    qn, kn, vn = flat(q, T, D).numpy(), flat(k, S, D).numpy(), flat(v, S, Dv).numpy()
+    do = flat(dout.to(q.dtype), T, Dv)
+    # δ_i = Σ_d dout_id · out_id  (O(T·D), done in torch)
+    delta = (do * flat(out, T, Dv)).sum(dim=-1).contiguous()
+    lse_n = lse.detach().to(q.dtype).contiguous().reshape(B * H, T).numpy()
+    dq = torch.empty((B * H, T, D), dtype=q.dtype)
+    dk = torch.empty((B * H, S, D), dtype=q.dtype)
+    dv = torch.empty((B * H, S, Dv), dtype=q.dtype)
+    bq, bk = min(block_size, T), min(block_size, S)
+    sc = qn.dtype.type(scale)
+    with _single_threaded_blas():
+        _attention_bwd_dkdv_kernel(qn, kn, vn, do.numpy(), lse_n, delta.numpy(), dk.numpy(), dv.numpy(), sc,
+                                   bool(causal), bq, bk)
+        _attention_bwd_dq_kernel(qn, kn, vn, do.numpy(), lse_n, delta.numpy(), dq.numpy(), sc, bool(causal), bq, bk)
+    return dq.reshape(B, H, T, D), dk.reshape(B, H, S, D), dv.reshape(B, H, S, Dv)
+
+
+def numba_workspace_bytes(T, S, D, Dv, *, block_size=256, itemsize=4, n_threads=None, backward=False):
     """Bytes the numba kernel allocates internally at most (numba's own allocator: no profiler sees them).
 
     Per worker thread, one job at a time: the scaled query tile (Bq·D), the accumulator (Bq·Dv), the score
     tile that np.dot returns (Bq·Bk, at most two alive while the next one is made) and five row vectors.
+    ``backward=True``: the larger of the two backward sweeps (key sweep: a scaled Q tile, private dK and dV
+    accumulators, the P and dP tiles; query sweep: Q tile, dQ accumulator, P and dP).
     Independent of T and S beyond one tile: that is the point of tiling.
     """
     from numba import get_num_threads
 
     n_threads = get_num_threads() if n_threads is None else n_threads
     bq, bk = min(block_size, T), min(block_size, S)
-    per_job = (bq * D + bq * Dv + 2 * bq * bk + 5 * bq + N_LANES) * itemsize
+    if backward:
+        key_sweep = bq * D + bk * (D + Dv) + 2 * bq * bk + 2 * bq
+        query_sweep = 2 * bq * D + 2 * bq * bk + 3 * bq
+        per_job = max(key_sweep, query_sweep) * itemsize
+    else:
+        per_job = (bq * D + bq * Dv + 2 * bq * bk + 5 * bq + N_LANES) * itemsize
     return n_threads * per_job
 
 
@@ -300,42 +467,219 @@ def _make_cuda_kernel(np_dtype, BLOCK, BK=None, DMAX=CUDA_MAX_HEAD_DIM):
     return kernel
 
 
-def attention_cuda(q, k, v, *, causal=False, scale=1.0, block_size=32):
-    """numba.cuda tiled attention; CUDA tensors in and out (CPU tensors only under the simulator)."""
+def _make_cuda_bwd_kernels(np_dtype, BLOCK, BK=None, DMAX=CUDA_MAX_HEAD_DIM):
+    """Compile the two backward sweeps for one dtype and tile shape: ``(dkdv_kernel, dq_kernel)``.
+
+    ``dkdv_kernel``: one block per (batch·head, key tile of BLOCK keys), one thread per key row j holding k_j, v_j
+    and its private dK_j, dV_j; query rows, dout, lse and δ stream through shared memory ``BK`` rows at a time.
+    ``dq_kernel``: one block per (batch·head, query tile), one thread per query row i, K and V tiles in shared
+    memory (the forward's layout). Same rules as the forward: input-dtype arithmetic, no builtin min/max.
+    """
+    from numba import float32, float64
+
+    nb_dtype = float32 if np_dtype == np.float32 else float64
+    if BK is None:
+        BK = BLOCK
+    ZERO = np_dtype(0.0)
+
+    @cuda.jit
+    def dkdv_kernel(q, k, v, dout, lse, delta, dk, dv, scale, causal):
+        bh = cuda.blockIdx.x
+        k0 = cuda.blockIdx.y * BLOCK
+        t = cuda.threadIdx.x
+        T = q.shape[1]
+        S = k.shape[1]
+        D = q.shape[2]
+        Dv = v.shape[2]
+        q_sh = cuda.shared.array((BK, DMAX), dtype=nb_dtype)
+        do_sh = cuda.shared.array((BK, DMAX), dtype=nb_dtype)
+        lse_sh = cuda.shared.array(BK, dtype=nb_dtype)
+        delta_sh = cuda.shared.array(BK, dtype=nb_dtype)
+        k_row = cuda.local.array(DMAX, dtype=nb_dtype)
+        v_row = cuda.local.array(DMAX, dtype=nb_dtype)
+        dk_acc = cuda.local.array(DMAX, dtype=nb_dtype)
+        dv_acc = cuda.local.array(DMAX, dtype=nb_dtype)
+        j = k0 + t
+        active = j < S
+        for d in range(D):
+            k_row[d] = k[bh, j, d] * scale if active else ZERO  # scale folded into k for s_ij
+            dk_acc[d] = ZERO
+        for d in range(Dv):
+            v_row[d] = v[bh, j, d] if active else ZERO
+            dv_acc[d] = ZERO
+        # causal block skipping: queries before k0 see none of this tile's keys
+        q_start = 0
+        if causal:
+            q_start = (k0 // BK) * BK
+        for q0 in range(q_start, T, BK):
+            if t < BK:
+                i_load = q0 + t
+                ok = i_load < T
+                for d in range(D):
+                    q_sh[t, d] = q[bh, i_load, d] if ok else ZERO
+                for d in range(Dv):
+                    do_sh[t, d] = dout[bh, i_load, d] if ok else ZERO
+                lse_sh[t] = lse[bh, i_load] if ok else ZERO
+                delta_sh[t] = delta[bh, i_load] if ok else ZERO
+            cuda.syncthreads()
+            if active:
+                n_q = T - q0
+                if n_q > BK:
+                    n_q = BK
+                for ii in range(n_q):
+                    if causal and q0 + ii < j:
+                        continue  # query i may not see key j
+                    # p_ij = exp(q_i · k_j · scale − lse_i)
+                    s = ZERO
+                    for d in range(D):
+                        s += q_sh[ii, d] * k_row[d]
+                    p = math.exp(s - lse_sh[ii])
+                    # dV_j += p dout_i ;  dP = dout_i · v_j ;  dS = p (dP − δ_i) ;  dK_j += dS q_i
+                    dp = ZERO
+                    for d in range(Dv):
+                        dv_acc[d] += p * do_sh[ii, d]
+                        dp += do_sh[ii, d] * v_row[d]
+                    ds = p * (dp - delta_sh[ii])
+                    for d in range(D):
+                        dk_acc[d] += ds * q_sh[ii, d]
+            cuda.syncthreads()
+        if active:
+            for d in range(D):
+                dk[bh, j, d] = dk_acc[d] * scale
+            for d in range(Dv):
+                dv[bh, j, d] = dv_acc[d]
+
+    @cuda.jit
+    def dq_kernel(q, k, v, dout, lse, delta, dq, scale, causal):
+        bh = cuda.blockIdx.x
+        q0 = cuda.blockIdx.y * BLOCK
+        t = cuda.threadIdx.x
+        T = q.shape[1]
+        S = k.shape[1]
+        D = q.shape[2]
+        Dv = v.shape[2]
+        k_sh = cuda.shared.array((BK, DMAX), dtype=nb_dtype)
+        v_sh = cuda.shared.array((BK, DMAX), dtype=nb_dtype)
+        q_row = cuda.local.array(DMAX, dtype=nb_dtype)
+        do_row = cuda.local.array(DMAX, dtype=nb_dtype)
+        dq_acc = cuda.local.array(DMAX, dtype=nb_dtype)
+        i = q0 + t
+        active = i < T
+        for d in range(D):
+            q_row[d] = q[bh, i, d] * scale if active else ZERO
+            dq_acc[d] = ZERO
+        for d in range(Dv):
+            do_row[d] = dout[bh, i, d] if active else ZERO
+        lse_i = lse[bh, i] if active else ZERO
+        delta_i = delta[bh, i] if active else ZERO
+        k_end = S
+        if causal:
+            q_end = q0 + BLOCK
+            if q_end > T:
+                q_end = T
+            if q_end < k_end:
+                k_end = q_end
+        for k0 in range(0, k_end, BK):
+            if t < BK:
+                j_load = k0 + t
+                for d in range(D):
+                    k_sh[t, d] = k[bh, j_load, d] if j_load < S else ZERO
+                for d in range(Dv):
+                    v_sh[t, d] = v[bh, j_load, d] if j_load < S else ZERO
+            cuda.syncthreads()
+            if active:
+                n_keys = S - k0
+                if n_keys > BK:
+                    n_keys = BK
+                if causal and i - k0 + 1 < n_keys:
+                    n_keys = i - k0 + 1
+                for jj in range(n_keys):
+                    s = ZERO
+                    for d in range(D):
+                        s += q_row[d] * k_sh[jj, d]
+                    p = math.exp(s - lse_i)
+                    dp = ZERO
+                    for d in range(Dv):
+                        dp += do_row[d] * v_sh[jj, d]
+                    ds = p * (dp - delta_i)
+                    for d in range(D):
+                        dq_acc[d] += ds * k_sh[jj, d]
+            cuda.syncthreads()
+        if active:
+            for d in range(D):
+                dq[bh, i, d] = dq_acc[d] * scale
+
+    return dkdv_kernel, dq_kernel
+
+
+def _cuda_launch_setup(q, k, v, block_size, where="attention(backend='cuda')"):
     B, H, T, D = q.shape
     S, Dv = k.shape[2], v.shape[3]
     if D > CUDA_MAX_HEAD_DIM or Dv > CUDA_MAX_HEAD_DIM:
         raise ValueError(
-            f"attention(backend='cuda'): head dim must be ≤ {CUDA_MAX_HEAD_DIM} (shared-memory tile size), "
+            f"{where}: head dim must be ≤ {CUDA_MAX_HEAD_DIM} (shared-memory tile size), "
             f"got D={D}, Dv={Dv}; use backend='numba' or 'torch'"
         )
-    n_qt = (T + block_size - 1) // block_size
-    if n_qt > CUDA_MAX_GRID_Y:
-        raise ValueError(
-            f"attention(backend='cuda'): T={T} needs {n_qt} query tiles of {block_size}, more than the grid's "
-            f"{CUDA_MAX_GRID_Y}; use a larger block_size"
-        )
+    for n, what in ((T, "T"), (S, "S")):
+        n_t = (n + block_size - 1) // block_size
+        if n_t > CUDA_MAX_GRID_Y:
+            raise ValueError(
+                f"{where}: {what}={n} needs {n_t} tiles of {block_size}, more than the grid's "
+                f"{CUDA_MAX_GRID_Y}; use a larger block_size"
+            )
     np_dtype = np.float32 if q.dtype == torch.float32 else np.float64
     bk, dmax = _cuda_tile_dims(np_dtype, block_size, D, Dv)
+    return np_dtype, bk, dmax
+
+
+def _cuda_run(kernel, grid, block_size, tensors, scalars, device):
+    """Launch on the tensors' GPU (zero-copy through __cuda_array_interface__), or in the simulator on host arrays."""
+    if device.type == "cuda":
+        dev = device.index if device.index is not None else torch.cuda.current_device()
+        with cuda.gpus[dev]:  # launch on the tensors' GPU, not numba's default device 0
+            kernel[grid, block_size](*[cuda.as_cuda_array(x) for x in tensors], *scalars)
+        torch.cuda.synchronize(device)
+    else:
+        kernel[grid, block_size](*[x.numpy() for x in tensors], *scalars)
+
+
+def attention_backward_cuda(q, k, v, out, lse, dout, *, causal=False, scale=1.0, block_size=32):
+    """numba.cuda backward (two sweeps); CUDA tensors in and out (CPU tensors only under the simulator)."""
+    B, H, T, D = q.shape
+    S, Dv = k.shape[2], v.shape[3]
+    np_dtype, bk, dmax = _cuda_launch_setup(q, k, v, block_size)
+    key = ("bwd", np_dtype, block_size, bk, dmax)
+    if key not in _CUDA_KERNELS:
+        _CUDA_KERNELS[key] = _make_cuda_bwd_kernels(np_dtype, block_size, bk, dmax)
+    dkdv_kernel, dq_kernel = _CUDA_KERNELS[key]
+    flat = lambda x, n, d: x.detach().to(q.dtype).contiguous().reshape(B * H, n, d)  # noqa: E731
+    qc, kc, vc, do = flat(q, T, D), flat(k, S, D), flat(v, S, Dv), flat(dout, T, Dv)
+    delta = (do * flat(out, T, Dv)).sum(dim=-1).contiguous()  # δ_i = Σ_d dout_id out_id
+    lse_c = lse.detach().to(q.dtype).contiguous().reshape(B * H, T)
+    dq = torch.empty((B * H, T, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B * H, S, D), dtype=q.dtype, device=q.device)
+    dv = torch.empty((B * H, S, Dv), dtype=q.dtype, device=q.device)
+    scalars = (np_dtype(scale), bool(causal))
+    _cuda_run(dkdv_kernel, (B * H, (S + block_size - 1) // block_size), block_size,
+              (qc, kc, vc, do, lse_c, delta, dk, dv), scalars, q.device)
+    _cuda_run(dq_kernel, (B * H, (T + block_size - 1) // block_size), block_size,
+              (qc, kc, vc, do, lse_c, delta, dq), scalars, q.device)
+    return dq.reshape(B, H, T, D), dk.reshape(B, H, S, D), dv.reshape(B, H, S, Dv)
+
+
+def attention_cuda(q, k, v, *, causal=False, scale=1.0, block_size=32):
+    """numba.cuda tiled attention; CUDA tensors in and out (CPU tensors only under the simulator)."""
+    B, H, T, D = q.shape
+    S, Dv = k.shape[2], v.shape[3]
+    np_dtype, bk, dmax = _cuda_launch_setup(q, k, v, block_size)
     key = (np_dtype, block_size, bk, dmax)
     if key not in _CUDA_KERNELS:
         _CUDA_KERNELS[key] = _make_cuda_kernel(np_dtype, block_size, bk, dmax)
-    kernel = _CUDA_KERNELS[key]
     qc = q.detach().contiguous().reshape(B * H, T, D)
     kc = k.detach().contiguous().reshape(B * H, S, D)
     vc = v.detach().contiguous().reshape(B * H, S, Dv)
     out = torch.empty((B * H, T, Dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((B * H, T), dtype=q.dtype, device=q.device)
-    grid = (B * H, n_qt)  # B·H on x (limit 2³¹ − 1), query tiles on y (limit 65535)
-    if q.is_cuda:
-        dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
-        with cuda.gpus[dev]:  # launch on the tensors' GPU, not numba's default device 0
-            # zero-copy: numba reads torch's memory through __cuda_array_interface__
-            args = [cuda.as_cuda_array(x) for x in (qc, kc, vc, out, lse)]
-            kernel[grid, block_size](*args, np_dtype(scale), bool(causal))
-        torch.cuda.synchronize(q.device)
-        return out.reshape(B, H, T, Dv), lse.reshape(B, H, T)
-    # simulator: host arrays stand in for device memory
-    out_np, lse_np = out.numpy(), lse.numpy()
-    kernel[grid, block_size](qc.numpy(), kc.numpy(), vc.numpy(), out_np, lse_np, np_dtype(scale), bool(causal))
+    grid = (B * H, (T + block_size - 1) // block_size)  # B·H on x (limit 2³¹ − 1), query tiles on y (limit 65535)
+    _cuda_run(_CUDA_KERNELS[key], grid, block_size, (qc, kc, vc, out, lse), (np_dtype(scale), bool(causal)), q.device)
     return out.reshape(B, H, T, Dv), lse.reshape(B, H, T)

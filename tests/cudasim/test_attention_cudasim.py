@@ -159,13 +159,12 @@ def test_matches_numba_and_torch_backends():
         torch.testing.assert_close(out, other, **TOL[torch.float64])
 
 
-def test_inputs_requiring_grad_need_no_grad():
+def test_inputs_requiring_grad_give_a_differentiable_output():
+    # chapter 19: the cuda backend has a backward (tests/cudasim/test_attention_backward_cudasim.py checks it)
     q, k, v = _qkv(1, 1, 5, 5, 8, 8, torch.float64, seed=11)
     q.requires_grad_(True)
-    with pytest.raises(ValueError, match="forward pass only"):
-        kernels.attention(q, k, v, backend="cuda", block_size=8)
-    with torch.no_grad():
-        _check(q, k, v, block_size=8)
+    out, _ = _check(q, k, v, block_size=8)
+    assert out.requires_grad and out.grad_fn is not None
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,124 @@
+"""Chapter 19 — memory-efficient *exact* attention: tiling, the online softmax, and recomputation in backward.
+
+Rabe & Staats (2021, "Self-attention does not need O(n²) memory") and Dao et al. (2022, FlashAttention; Dao 2023,
+FlashAttention-2) compute exactly ``softmax(q kᵀ / √d) v`` — no approximation, unlike chapters 15–18 — without
+ever storing the n×n matrix of scores, in the forward *or* the backward pass:
+
+* **Forward**: the online softmax (Milakov & Gimelshein 2018). Sweep key tiles, keep a running maximum m and a
+  running normaliser l per query row, and rescale what was accumulated whenever the maximum grows. The only
+  thing saved for backward, besides q, k, v and the output, is the per-row log-sum-exp ``lse = m + log l``.
+* **Backward**: recompute each tile of weights from the saved lse, ``p_ij = exp(s_ij − lse_i)``, and use the
+  softmax-backward identity ``dS_ij = p_ij (dP_ij − δ_i)`` with ``δ_i = dout_i · out_i``. More arithmetic
+  (the weights are computed twice), far less memory: O(n·d) instead of O(n²).
+
+On a GPU the win is also *time*: the n×n matrix never travels between the large slow memory (HBM) and the small
+fast one (SRAM), and at these sizes attention is bound by that traffic, not by FLOPs. :func:`traffic_bytes` is
+the simple IO model of the FlashAttention paper, which the notebook sets against measured time vs block size.
+
+The kernels themselves live in ``effedu/kernels/tiled_attention.py`` (torch reference, numba, numba.cuda, forward
+and backward); ``effedu.kernels.attention`` is the differentiable entry point. This module adds the registered
+attention ``"memory_efficient"``, a step-by-step online softmax to look at, the IO and memory models, and the
+chapter's numbers.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._checks import check_positive_int
+from . import register
+from .dense import tiled_attention
+
+# The registered variant is the chapter-01 "tiled" attention, differentiable on every backend since this chapter.
+memory_efficient_attention = register("memory_efficient", tiled_attention)
+
+
+def online_softmax_trace(scores, block_size):
+    """The online softmax of one row of scores, one key block at a time, for the learner to inspect.
+
+    ``scores``: 1-D tensor. Returns a list of dicts, one per block: ``{"block": (j0, j1), "m": running max,
+    "l": running normaliser, "alpha": rescale factor applied to what was accumulated}``; the last entry's
+    ``m + log l`` is ``logsumexp(scores)``.
+    """
+    if not isinstance(scores, torch.Tensor) or scores.ndim != 1 or scores.numel() == 0:
+        raise ValueError(f"online_softmax_trace: scores must be a non-empty 1-D tensor, got {getattr(scores, 'shape', type(scores).__name__)}")
+    check_positive_int(block_size, "block_size", "online_softmax_trace")
+    m, l, steps = -math.inf, 0.0, []
+    for j0 in range(0, scores.numel(), block_size):
+        blk = scores[j0:j0 + block_size].double()
+        # m_new = max(m, max_j s_j);  α = exp(m − m_new);  l = α l + Σ_j exp(s_j − m_new)
+        m_new = max(m, blk.max().item())
+        alpha = math.exp(m - m_new) if m > -math.inf else 0.0
+        l = alpha * l + torch.exp(blk - m_new).sum().item()
+        m = m_new
+        steps.append({"block": (j0, j0 + blk.numel()), "m": m, "l": l, "alpha": alpha})
+    return steps
+
+
+def traffic_bytes(n, d, *, block_size=None, itemsize=4, method="tiled", causal=False, backward=False):
+    """Bytes moved between slow memory (HBM / RAM) and fast memory (SRAM / cache) by one head's attention.
+
+    The IO model of Dao et al. (2022, §3.2), counted element by element:
+
+    * ``method="standard"`` (materialise S and P, as ``softmax_attention`` does): forward reads Q, K and writes S
+      (2nd + n²), reads S and writes P (2n²), reads P, V and writes O (n² + 2nd) → ``4n² + 4nd``. Backward reads
+      P, dO, V, Q, K and writes dP, dS, dQ, dK, dV → ``7n² + 8nd`` (dV = Pᵀ dO: n² + 2nd; dP = dO Vᵀ: n² + 2nd;
+      dS = P∘(dP − δ): 3n²; dQ = dS K: n² + 2nd; dK = dSᵀ Q: n² + 2nd).
+    * ``method="tiled"``: forward reads Q once, writes O and lse once, and reads K and V once per query tile →
+      ``2nd + n + 2nd·⌈n/b⌉``. Backward (two sweeps): per key tile all of Q, dO, lse, δ, and per query tile all
+      of K, V, plus each input and gradient once → ``2nd·⌈n/b⌉ + (2nd + 2n)·⌈n/b⌉ + 7nd + 2n``.
+    With ``causal=True`` the tiled sweeps skip the tiles above the diagonal: the per-tile terms are halved (the
+    standard path still computes the full matrix).
+    """
+    for name, val in (("n", n), ("d", d), ("itemsize", itemsize)):
+        check_positive_int(val, name, "traffic_bytes")
+    if method not in ("tiled", "standard"):
+        raise ValueError(f"traffic_bytes: method must be 'tiled' or 'standard', got {method!r}")
+    if method == "standard":
+        elems = 4 * n * n + 4 * n * d + ((7 * n * n + 8 * n * d) if backward else 0)
+        return elems * itemsize
+    if block_size is None:
+        raise ValueError("traffic_bytes: method='tiled' needs block_size (queries and keys per tile)")
+    check_positive_int(block_size, "block_size", "traffic_bytes")
+    tiles = math.ceil(n / block_size)
+    share = (tiles + 1) / (2 * tiles) if causal else 1.0  # tiles on or below the diagonal
+    elems = 2 * n * d + n + share * 2 * n * d * tiles
+    if backward:
+        elems += share * (2 * n * d + (2 * n * d + 2 * n)) * tiles + 7 * n * d + 2 * n
+    return int(round(elems * itemsize))
+
+
+def fast_memory_bytes(block_size, d, *, itemsize=4, backward=False):
+    """Working set that must fit in fast memory (SRAM / L1–L2 cache) for one tile step.
+
+    Forward: a Q tile, a K and a V tile, the b×b score tile and the output accumulator (+ 2 row vectors).
+    Backward (key sweep): a K, V, dK, dV tile, a Q and dO tile, the score and dP tiles (+ 2 row vectors).
+    """
+    check_positive_int(block_size, "block_size", "fast_memory_bytes")
+    check_positive_int(d, "d", "fast_memory_bytes")
+    b = block_size
+    elems = (6 * b * d + 2 * b * b + 2 * b) if backward else (4 * b * d + b * b + 2 * b)
+    return elems * itemsize
+
+
+def saved_for_backward_bytes(B, H, n, d, *, method="tiled", itemsize=4):
+    """What attention saves for backward beyond q, k, v: the output and lse (tiled), or also the n×n weights."""
+    for name, val in (("B", B), ("H", H), ("n", n), ("d", d), ("itemsize", itemsize)):
+        check_positive_int(val, name, "saved_for_backward_bytes")
+    if method not in ("tiled", "standard"):
+        raise ValueError(f"saved_for_backward_bytes: method must be 'tiled' or 'standard', got {method!r}")
+    per_head = n * d + n if method == "tiled" else n * d + n * n
+    return B * H * per_head * itemsize
+
+
+def fwd_bwd(fn, q, k, v, dout):
+    """One forward + backward through ``fn(q, k, v)``: returns ``(out, (dq, dk, dv))`` (inputs need no grad)."""
+    q, k, v = (x.detach().requires_grad_(True) for x in (q, k, v))
+    out = fn(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    return out.detach(), grads
+
+
+__all__ = ["memory_efficient_attention", "online_softmax_trace", "traffic_bytes", "fast_memory_bytes",
+           "saved_for_backward_bytes", "fwd_bwd"]
