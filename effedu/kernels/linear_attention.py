@@ -415,19 +415,19 @@ def _check_cuda_dims(M, Dv, T, chunk, dtype):
                          f"use a larger chunk_size")
 
 
-def _make_cuda_kernels(np_dtype, C, DMAX):
+def _make_cuda_kernels(np_dtype, C, DMAX, NT=CUDA_THREADS):
     """Compile the three phases of the causal product ``Y = tril(X Wᵀ) U`` (``reverse``: triu) for one dtype.
 
     ``chunk_sums``: block (bh, c) writes ``Σ_{j∈c} w_j u_jᵀ`` to states[bh, c]; ``scan``: an exclusive scan of
     the states over chunks (in reverse order for ``reverse``), in place, one thread per state entry;
     ``outputs``: block (bh, c) computes ``Y_i = Σ_{j∈c, j≤i} (x_i·w_j) u_j + x_iᵀ states[bh, c]``.
-    Arithmetic in the input dtype; no builtin ``min``/``max`` (numba ≥ 0.66 cannot compile them for CUDA).
+    ``NT`` threads per block (every loop is strided by NT, so any count is correct). Arithmetic in the input
+    dtype; no builtin ``min``/``max`` (numba ≥ 0.66 cannot compile them for CUDA).
     """
     from numba import float32, float64
 
     nb_dtype = float32 if np_dtype == np.float32 else float64
     ZERO = np_dtype(0.0)
-    NT = CUDA_THREADS
 
     @cuda.jit
     def chunk_sums(w, u, states):
@@ -520,40 +520,42 @@ def _make_cuda_kernels(np_dtype, C, DMAX):
     return chunk_sums, scan, outputs
 
 
-def causal_product_cuda(x, w, u, *, reverse=False, chunk_size=32):
+def causal_product_cuda(x, w, u, *, reverse=False, chunk_size=32, threads=None):
     """``Y_i = Σ_{j≤i} (x_i·w_j) u_j`` (``reverse``: j ≥ i) with the CUDA block scan; (BH, T, ·) tensors.
 
     x, w ``(BH, T, Dx)``, u ``(BH, T, Du)``; CUDA tensors (CPU tensors under the simulator). The per-chunk states
-    ``(BH, T/C, Dx, Du)`` are the kernel's only workspace: O(T·Dx·Du / C) memory.
+    ``(BH, T/C, Dx, Du)`` are the kernel's only workspace: O(T·Dx·Du / C) memory. ``threads`` per block defaults
+    to ``CUDA_THREADS`` (the simulator tests use fewer: every simulated thread is a Python thread).
     """
     BH, T, Dx = x.shape
     Du = u.shape[2]
     np_dtype = np.float32 if x.dtype == torch.float32 else np.float64
     C, dmax = _cuda_dims(np_dtype, chunk_size, Dx)
-    key = (np_dtype, C, dmax)
+    nt = CUDA_THREADS if threads is None else threads
+    key = (np_dtype, C, dmax, nt)
     if key not in _CUDA_KERNELS:
-        _CUDA_KERNELS[key] = _make_cuda_kernels(np_dtype, C, dmax)
+        _CUDA_KERNELS[key] = _make_cuda_kernels(np_dtype, C, dmax, nt)
     chunk_sums, scan, outputs = _CUDA_KERNELS[key]
     n_chunks = -(-T // C)
     x, w, u = (t.contiguous() for t in (x, w, u))
     states = torch.empty((BH, n_chunks, Dx, Du), dtype=x.dtype, device=x.device)
     y = torch.empty((BH, T, Du), dtype=x.dtype, device=x.device)
     grid = (BH, n_chunks)
-    grid_scan = (BH, -(-(Dx * Du) // CUDA_THREADS))
+    grid_scan = (BH, -(-(Dx * Du) // nt))
     if x.is_cuda:
         dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
         with cuda.gpus[dev]:
             xs, ws, us, st, ys = (cuda.as_cuda_array(t) for t in (x, w, u, states, y))
-            chunk_sums[grid, CUDA_THREADS](ws, us, st)
-            scan[grid_scan, CUDA_THREADS](st, bool(reverse))
-            outputs[grid, CUDA_THREADS](xs, ws, us, st, ys, bool(reverse))
+            chunk_sums[grid, nt](ws, us, st)
+            scan[grid_scan, nt](st, bool(reverse))
+            outputs[grid, nt](xs, ws, us, st, ys, bool(reverse))
         torch.cuda.synchronize(x.device)
         return y
     # simulator: host arrays stand in for device memory
     xs, ws, us, st, ys = (t.numpy() for t in (x, w, u, states, y))
-    chunk_sums[grid, CUDA_THREADS](ws, us, st)
-    scan[grid_scan, CUDA_THREADS](st, bool(reverse))
-    outputs[grid, CUDA_THREADS](xs, ws, us, st, ys, bool(reverse))
+    chunk_sums[grid, nt](ws, us, st)
+    scan[grid_scan, nt](st, bool(reverse))
+    outputs[grid, nt](xs, ws, us, st, ys, bool(reverse))
     return y
 
 
