@@ -223,8 +223,9 @@ def plot_attention_heads(
     w = _as_array(weights, "weights", where, ndim=(2, 3, 4))
     if w.ndim == 4:
         w = w[0]  # batch element 0                                                             (H, T, S)
-    elif w.ndim == 2:
-        w = w[None]  # a single head                                                            (1, T, S)
+    single = w.ndim == 2
+    if single:
+        w = w[None]  # a single head: no "head 0" panel title, the figure's title says which   (1, T, S)
     H, T, S = w.shape
     if isinstance(max_heads, bool) or not isinstance(max_heads, numbers.Integral):
         raise TypeError(f"{where}: max_heads must be an int, got {type(max_heads).__name__} ({max_heads!r})")
@@ -260,7 +261,8 @@ def plot_attention_heads(
             continue
         used.append(ax)
         image = ax.imshow(w[h], cmap=cmap, norm=norm, interpolation="nearest", aspect="equal" if T == S else "auto")
-        ax.set_title(f"head {h}", fontsize=10)
+        if not single:
+            ax.set_title(f"head {h}", fontsize=10)
         bottom = h + ncols >= shown  # nothing below this panel
         left = h % ncols == 0
         if tokens is not None and S <= 40:

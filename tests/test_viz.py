@@ -83,7 +83,8 @@ def test_attention_heads_one_heatmap_per_head(shape, heads):
     assert isinstance(fig, Figure)
     maps = _heatmap_axes(fig)
     assert len(maps) == heads
-    assert [ax.get_title() for ax in maps] == [f"head {h}" for h in range(heads)]
+    # a single (T, S) map gets no "head 0" panel title: the figure's title says which head it is
+    assert [ax.get_title() for ax in maps] == ([""] if len(shape) == 2 else [f"head {h}" for h in range(heads)])
     assert fig.get_suptitle() == "Attention weights per head"
     # exactly one more axes: the shared colorbar, with its label
     others = [ax for ax in fig.axes if not ax.images]
@@ -453,3 +454,12 @@ def test_figures_display_in_notebooks_without_pyplot():
     """A returned figure has a PNG repr, so Jupyter shows it even before pyplot set up the inline backend."""
     fig = viz.plot_bars(["a"], [1], ylabel="y", title="t")
     assert fig._repr_png_()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_attention_heads_single_head_has_no_head_0_title():
+    import torch
+
+    fig = viz.plot_attention_heads(torch.softmax(torch.randn(5, 5), -1), title="layer 3, head 7")
+    assert [ax.get_title() for ax in _heatmap_axes(fig)] == [""]
+    fig3 = viz.plot_attention_heads(torch.softmax(torch.randn(2, 5, 5), -1))
+    assert [ax.get_title() for ax in _heatmap_axes(fig3)] == ["head 0", "head 1"]
