@@ -60,6 +60,7 @@ import torch
 from numba import cuda, njit, prange
 
 from .._checks import check_positive_int, check_qkv, check_scale
+from . import resolve_backend
 from ._rowops import N_LANES, exp_rows, row_max, row_sum
 from .tiled_attention import CUDA_MAX_GRID_Y, CUDA_MAX_HEAD_DIM, CUDA_STATIC_SMEM_BYTES, _single_threaded_blas
 
@@ -134,10 +135,11 @@ def layout_to_mask(layout, block_size, T, S=None):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def block_sparse_torch(q, k, v, layout, *, block_size, causal=False, scale=1.0):
+def block_sparse_torch(q, k, v, layout, *, block_size, causal=False, scale=1.0, need_lse=True):
     """The layout expanded to a token mask, then dense masked softmax attention; returns ``(out, lse)``.
 
     ``layout``: checked 3-D ``(1 or H, nT, nS)``. O(T·S) time and memory — the reference, not a speed-up.
+    ``need_lse=False`` skips the log-sum-exp (returned as None).
     """
     from ..attention.dense import allowed_mask, softmax_attention
 
@@ -146,6 +148,8 @@ def block_sparse_torch(q, k, v, layout, *, block_size, causal=False, scale=1.0):
     # allowed(i, j) = layout[h, ⌊i/b⌋, ⌊j/b⌋]                                            (1, 1 or H, T, S)
     mask = layout_to_mask(layout.to(q.device), block_size, T, S).unsqueeze(0)
     out = softmax_attention(q, k, v, mask=mask, causal=causal, scale=scale)
+    if not need_lse:
+        return out, None
     with torch.no_grad():
         acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         s = (q.to(acc) @ k.to(acc).transpose(-2, -1)) * scale
@@ -812,15 +816,14 @@ def block_sparse_attention(q, k, v, layout, *, block_size, causal=False, scale=N
             f"(threads per block), got {block_size}"
         )
     if name == "torch":
-        out, lse = block_sparse_torch(q, k, v, lay, block_size=block_size, causal=causal, scale=scale)
+        out, lse = block_sparse_torch(q, k, v, lay, block_size=block_size, causal=causal, scale=scale,
+                                      need_lse=return_lse)
     elif torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         out, lse = BlockSparseAttentionFunction.apply(q, k, v, lay, block_size, causal, scale, name)
     else:
         out, lse = _FORWARD[name](q, k, v, lay, block_size=block_size, causal=causal, scale=scale)
     return (out, lse) if return_lse else out
 
-
-from . import resolve_backend  # noqa: E402  (kernels/__init__ imports this module lazily: no cycle at load time)
 
 __all__ = ["block_sparse_attention", "block_grid", "check_layout", "layout_to_mask", "block_sparse_torch",
            "block_sparse_numba", "block_sparse_backward_numba", "block_sparse_cuda", "block_sparse_backward_cuda",
