@@ -38,7 +38,8 @@ Backends (same signature, same results up to float rounding):
   * ``linear_attention_torch`` — the chunked algorithm in torch ops, all chunks at once: the per-chunk states are
     summed with an exclusive ``cumsum`` over chunks, O(T·M·Dv / C) memory. Autograd works through it.
   * ``linear_attention_numba`` — ``@njit(parallel=True)``, one parallel job per (batch·head); the chunks of a job
-    run in order carrying S, z (forward) or R, r (backward); the block products go to BLAS (np.dot).
+    run in order carrying S, z (forward) or R, r (backward); the block products go to BLAS (np.dot). Calls too
+    small to pay for starting the thread team (a tiny model's training step) run the same loop serially.
   * ``linear_attention_cuda`` — ``@cuda.jit``, a three-phase *block scan* over chunks: (1) every thread block sums
     its chunk's outer products ``Σ_j w_j u_jᵀ``, (2) an exclusive scan over the chunk sums gives each chunk the
     state before it, (3) every block computes its rows: masked in-chunk products plus the state term. The
@@ -81,7 +82,13 @@ def check_features(phi_q, phi_k, v, *, where=WHERE):
 
     Returns ``(B, H, T, M, Dv)``.
     """
-    B, H, T, S, M, Dv = check_qkv(phi_q, phi_k, v, where=where)
+    for name, x in (("phi_q", phi_q), ("phi_k", phi_k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{where}: {name} must have 4 dimensions (B, H, T, {'Dv' if name == 'v' else 'M'}), "
+                             f"got shape {tuple(x.shape)}")
+    B, H, T, S, M, Dv = check_qkv(phi_q, phi_k, v, where=where)  # dtypes, devices, matching sizes
     if S != T:
         raise ValueError(
             f"{where}: causal linear attention is self-attention: phi_k and v need as many positions as phi_q, "
@@ -189,46 +196,58 @@ def linear_attention_torch(phi_q, phi_k, v, *, eps=DEFAULT_EPS, chunk_size=64):
 # --------------------------------------------------------------------------------------------------------------
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _forward_one(a, b, v, out, den, eps, chunk, bh):
+    # one (batch, head): its chunks run in order, carrying S and z.
+    # a, b (BH, T, M), v (BH, T, Dv), out (BH, T, Dv), den (BH, T) — C-contiguous
+    T, M = a.shape[1], a.shape[2]
+    Dv = v.shape[2]
+    S = np.zeros((M, Dv), dtype=a.dtype)  # Σ_{j < c0} φk_j v_jᵀ
+    z = np.zeros(M, dtype=a.dtype)  # Σ_{j < c0} φk_j
+    for c0 in range(0, T, chunk):
+        c1 = min(c0 + chunk, T)
+        n = c1 - c0
+        ac = a[bh, c0:c1]
+        bc = b[bh, c0:c1]
+        vc = v[bh, c0:c1]
+        # P = A_c B_cᵀ                                                               (n, n), BLAS
+        P = np.dot(ac, bc.T)
+        dens = np.empty(n, dtype=a.dtype)
+        for i in range(n):
+            # den_i = Σ_{j≤i} P_ij + φq_i·z ; then zero P_ij for j > i (tril)
+            s = a.dtype.type(0.0)
+            for j in range(i + 1):
+                s += P[i, j]
+            for j in range(i + 1, n):
+                P[i, j] = 0.0
+            for m in range(M):
+                s += ac[i, m] * z[m]
+            dens[i] = s
+        # N_c = P V_c + A_c S                                                        (n, Dv), two BLAS calls
+        N1 = np.dot(P, vc)
+        N2 = np.dot(ac, S)
+        for i in range(n):
+            inv = 1.0 / (dens[i] + eps)
+            for e in range(Dv):
+                out[bh, c0 + i, e] = (N1[i, e] + N2[i, e]) * inv
+            den[bh, c0 + i] = dens[i]
+        # S += B_cᵀ V_c ;  z += colsum(B_c)
+        S += np.dot(bc.T, vc)
+        for i in range(n):
+            for m in range(M):
+                z[m] += bc[i, m]
+
+
 @njit(parallel=True, fastmath=False, cache=True, nogil=True)
 def _forward_kernel(a, b, v, out, den, eps, chunk):
-    # a, b (BH, T, M), v (BH, T, Dv), out (BH, T, Dv), den (BH, T) — C-contiguous
-    BH, T, M = a.shape
-    Dv = v.shape[2]
-    for bh in prange(BH):  # one job = one (batch, head): its chunks run in order, carrying S and z
-        S = np.zeros((M, Dv), dtype=a.dtype)  # Σ_{j < c0} φk_j v_jᵀ
-        z = np.zeros(M, dtype=a.dtype)  # Σ_{j < c0} φk_j
-        for c0 in range(0, T, chunk):
-            c1 = min(c0 + chunk, T)
-            n = c1 - c0
-            ac = a[bh, c0:c1]
-            bc = b[bh, c0:c1]
-            vc = v[bh, c0:c1]
-            # P = A_c B_cᵀ                                                           (n, n), BLAS
-            P = np.dot(ac, bc.T)
-            dens = np.empty(n, dtype=a.dtype)
-            for i in range(n):
-                # den_i = Σ_{j≤i} P_ij + φq_i·z ; then zero P_ij for j > i (tril)
-                s = a.dtype.type(0.0)
-                for j in range(i + 1):
-                    s += P[i, j]
-                for j in range(i + 1, n):
-                    P[i, j] = 0.0
-                for m in range(M):
-                    s += ac[i, m] * z[m]
-                dens[i] = s
-            # N_c = P V_c + A_c S                                                    (n, Dv), two BLAS calls
-            N1 = np.dot(P, vc)
-            N2 = np.dot(ac, S)
-            for i in range(n):
-                inv = 1.0 / (dens[i] + eps)
-                for e in range(Dv):
-                    out[bh, c0 + i, e] = (N1[i, e] + N2[i, e]) * inv
-                den[bh, c0 + i] = dens[i]
-            # S += B_cᵀ V_c ;  z += colsum(B_c)
-            S += np.dot(bc.T, vc)
-            for i in range(n):
-                for m in range(M):
-                    z[m] += bc[i, m]
+    for bh in prange(a.shape[0]):  # one parallel job per (batch, head)
+        _forward_one(a, b, v, out, den, eps, chunk, bh)
+
+
+@njit(fastmath=False, cache=True, nogil=True)
+def _forward_kernel_serial(a, b, v, out, den, eps, chunk):
+    for bh in range(a.shape[0]):
+        _forward_one(a, b, v, out, den, eps, chunk, bh)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -260,63 +279,82 @@ def _masked_G(dN, vc, dd):
     return G
 
 
-@njit(parallel=True, fastmath=False, cache=True, nogil=True)
-def _backward_kernel(a, b, v, out, den, g, da, db, dv, eps, chunk):
-    BH, T, M = a.shape
+@njit(cache=True, nogil=True, inline="always")
+def _backward_one(a, b, v, out, den, g, da, db, dv, eps, chunk, bh):
+    T, M = a.shape[1], a.shape[2]
     Dv = v.shape[2]
     n_chunks = (T + chunk - 1) // chunk
-    for bh in prange(BH):
-        # sweep 1, forward in time: ∂L/∂φq_i = (G B)_i + dN_iᵀ Sᵀ + dden_i z   (prefix states S, z)
-        S = np.zeros((M, Dv), dtype=a.dtype)
-        z = np.zeros(M, dtype=a.dtype)
-        for c in range(n_chunks):
-            c0 = c * chunk
-            c1 = min(c0 + chunk, T)
-            n = c1 - c0
-            bc = b[bh, c0:c1]
-            vc = v[bh, c0:c1]
-            dN, dd = _chunk_grads(g, out, den, c0, n, eps, bh)
-            G = _masked_G(dN, vc, dd)
-            X1 = np.dot(G, bc)  # (n, M)
-            X2 = np.dot(dN, S.T)  # (n, M)
-            for i in range(n):
-                for m in range(M):
-                    da[bh, c0 + i, m] = X1[i, m] + X2[i, m] + dd[i] * z[m]
-            S += np.dot(bc.T, vc)
-            for i in range(n):
-                for m in range(M):
-                    z[m] += bc[i, m]
-        # sweep 2, backward in time: ∂L/∂φk_j = (Gᵀ A)_j + R v_j + r ;  ∂L/∂v_j = (Pᵀ dN)_j + Rᵀ φk_j
-        R = np.zeros((M, Dv), dtype=a.dtype)  # Σ_{i after the chunk} φq_i dN_iᵀ
-        r = np.zeros(M, dtype=a.dtype)  # Σ_{i after the chunk} φq_i dden_i
-        for cc in range(n_chunks):
-            c = n_chunks - 1 - cc
-            c0 = c * chunk
-            c1 = min(c0 + chunk, T)
-            n = c1 - c0
-            ac = a[bh, c0:c1]
-            bc = b[bh, c0:c1]
-            vc = v[bh, c0:c1]
-            dN, dd = _chunk_grads(g, out, den, c0, n, eps, bh)
-            G = _masked_G(dN, vc, dd)
-            P = np.dot(ac, bc.T)
-            for i in range(n):
-                for j in range(i + 1, n):
-                    P[i, j] = 0.0
-            Y1 = np.dot(G.T, ac)  # (n, M)
-            Y2 = np.dot(vc, R.T)  # (n, M)
-            for j in range(n):
-                for m in range(M):
-                    db[bh, c0 + j, m] = Y1[j, m] + Y2[j, m] + r[m]
-            W1 = np.dot(P.T, dN)  # (n, Dv)
-            W2 = np.dot(bc, R)  # (n, Dv)
-            for j in range(n):
-                for e in range(Dv):
-                    dv[bh, c0 + j, e] = W1[j, e] + W2[j, e]
-            R += np.dot(ac.T, dN)
-            for i in range(n):
-                for m in range(M):
-                    r[m] += ac[i, m] * dd[i]
+    # sweep 1, forward in time: ∂L/∂φq_i = (G B)_i + dN_iᵀ Sᵀ + dden_i z   (prefix states S, z)
+    S = np.zeros((M, Dv), dtype=a.dtype)
+    z = np.zeros(M, dtype=a.dtype)
+    for c in range(n_chunks):
+        c0 = c * chunk
+        c1 = min(c0 + chunk, T)
+        n = c1 - c0
+        bc = b[bh, c0:c1]
+        vc = v[bh, c0:c1]
+        dN, dd = _chunk_grads(g, out, den, c0, n, eps, bh)
+        G = _masked_G(dN, vc, dd)
+        X1 = np.dot(G, bc)  # (n, M)
+        X2 = np.dot(dN, S.T)  # (n, M)
+        for i in range(n):
+            for m in range(M):
+                da[bh, c0 + i, m] = X1[i, m] + X2[i, m] + dd[i] * z[m]
+        S += np.dot(bc.T, vc)
+        for i in range(n):
+            for m in range(M):
+                z[m] += bc[i, m]
+    # sweep 2, backward in time: ∂L/∂φk_j = (Gᵀ A)_j + R v_j + r ;  ∂L/∂v_j = (Pᵀ dN)_j + Rᵀ φk_j
+    R = np.zeros((M, Dv), dtype=a.dtype)  # Σ_{i after the chunk} φq_i dN_iᵀ
+    r = np.zeros(M, dtype=a.dtype)  # Σ_{i after the chunk} φq_i dden_i
+    for cc in range(n_chunks):
+        c = n_chunks - 1 - cc
+        c0 = c * chunk
+        c1 = min(c0 + chunk, T)
+        n = c1 - c0
+        ac = a[bh, c0:c1]
+        bc = b[bh, c0:c1]
+        vc = v[bh, c0:c1]
+        dN, dd = _chunk_grads(g, out, den, c0, n, eps, bh)
+        G = _masked_G(dN, vc, dd)
+        P = np.dot(ac, bc.T)
+        for i in range(n):
+            for j in range(i + 1, n):
+                P[i, j] = 0.0
+        Y1 = np.dot(G.T, ac)  # (n, M)
+        Y2 = np.dot(vc, R.T)  # (n, M)
+        for j in range(n):
+            for m in range(M):
+                db[bh, c0 + j, m] = Y1[j, m] + Y2[j, m] + r[m]
+        W1 = np.dot(P.T, dN)  # (n, Dv)
+        W2 = np.dot(bc, R)  # (n, Dv)
+        for j in range(n):
+            for e in range(Dv):
+                dv[bh, c0 + j, e] = W1[j, e] + W2[j, e]
+        R += np.dot(ac.T, dN)
+        for i in range(n):
+            for m in range(M):
+                r[m] += ac[i, m] * dd[i]
+
+
+@njit(parallel=True, fastmath=False, cache=True, nogil=True)
+def _backward_kernel(a, b, v, out, den, g, da, db, dv, eps, chunk):
+    for bh in prange(a.shape[0]):  # one parallel job per (batch, head): two sweeps over its chunks
+        _backward_one(a, b, v, out, den, g, da, db, dv, eps, chunk, bh)
+
+
+@njit(fastmath=False, cache=True, nogil=True)
+def _backward_kernel_serial(a, b, v, out, den, g, da, db, dv, eps, chunk):
+    for bh in range(a.shape[0]):
+        _backward_one(a, b, v, out, den, g, da, db, dv, eps, chunk, bh)
+
+
+SERIAL_WORK = 2**20  # multiply-adds below which one thread beats starting the parallel region
+
+
+def _parallel_worth_it(BH, T, M, Dv, chunk):
+    # per call ≈ BH·T·(C·(M + Dv) + 2·M·Dv) multiply-adds; tiny calls (a small model's training step) run serially
+    return BH > 1 and BH * T * (min(chunk, T) * (M + Dv) + 2 * M * Dv) >= SERIAL_WORK
 
 
 def _flat(x):
@@ -334,8 +372,9 @@ def linear_attention_numba_forward(a, b, v, *, eps=DEFAULT_EPS, chunk_size=64):
     # outputs allocated by torch (its memory profiler sees them), written by numba through .numpy()
     out = torch.empty((B * H, T, Dv), dtype=a.dtype)
     den = torch.empty((B * H, T), dtype=a.dtype)
+    kernel = _forward_kernel if _parallel_worth_it(B * H, T, M, Dv, chunk_size) else _forward_kernel_serial
     with _single_threaded_blas():
-        _forward_kernel(an, bn, vn, out.numpy(), den.numpy(), an.dtype.type(eps), min(chunk_size, T))
+        kernel(an, bn, vn, out.numpy(), den.numpy(), an.dtype.type(eps), min(chunk_size, T))
     return out.reshape(B, H, T, Dv), den.reshape(B, H, T)
 
 
@@ -351,8 +390,9 @@ def linear_attention_numba_backward(a, b, v, out, den, grad_out, *, eps=DEFAULT_
     db = torch.empty((B * H, T, M), dtype=a.dtype)
     dv = torch.empty((B * H, T, Dv), dtype=a.dtype)
     an, bn, vn, on, gn = arrs
+    kernel = _backward_kernel if _parallel_worth_it(B * H, T, M, Dv, chunk_size) else _backward_kernel_serial
     with _single_threaded_blas():
-        _backward_kernel(an, bn, vn, on, denn, gn, da.numpy(), db.numpy(), dv.numpy(), an.dtype.type(eps),
+        kernel(an, bn, vn, on, denn, gn, da.numpy(), db.numpy(), dv.numpy(), an.dtype.type(eps),
                          min(chunk_size, T))
     return da.reshape(B, H, T, M), db.reshape(B, H, T, M), dv.reshape(B, H, T, Dv)
 
