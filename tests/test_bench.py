@@ -7,7 +7,8 @@ from effedu import bench
 
 def test_discovers_chapter_benchmarks():
     names = set(bench.discover())
-    assert {"attention", "memory", "checkpoint", "reversible", "sharing", "precision", "pipeline"} <= names
+    assert {"attention", "memory", "pretrained", "checkpoint", "reversible", "sharing", "precision", "pipeline",
+            "sparse", "lowrank", "kernelized"} <= names
 
 
 def test_memory_bench_quick_meets_the_deterministic_targets():

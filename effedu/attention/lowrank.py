@@ -272,7 +272,8 @@ def linformer_attention(q, k, v, E, F=None, *, causal=False, mask=None, scale=No
     # projected keys and values: (E K)_r = Σ_j E_rj K_j, (F V)_r = Σ_j F_rj V_j               (B, H, k, D)
     k_proj, v_proj = _project(E, k), _project(F, v)
     # P̄ = softmax(Q (E K)ᵀ · scale): each query's weights over k mixtures of keys              (B, H, T, k)
-    weights = _softmax_rows((q @ k_proj.transpose(-2, -1)) * scale)
+    # (the scale multiplies q — T×D numbers — rather than the T×k scores)
+    weights = _softmax_rows((q * scale) @ k_proj.transpose(-2, -1))
     # out = P̄ (F V)                                                                             (B, H, T, Dv)
     out = weights @ v_proj
     return (out, weights) if return_weights else out
@@ -386,11 +387,15 @@ class LinformerAttention(nn.Module):
         return f"n_heads={self.n_heads}, max_len={self.max_len}, rank={self.rank}, share={self.share!r}"
 
 
-def linformer_config(config, rank, share="headwise", *, seed=0):
+def linformer_config(config, rank, share="headwise", *, seed=None):
     """A copy of ``config`` using Linformer attention with projected length ``rank`` and sharing mode ``share``
     (``causal`` set to False: Linformer is an encoder). For ``share="layerwise"`` one
     :class:`~effedu.general.sharing.SharedProjection` is created and put in ``attention_kwargs``, so every layer of
-    ``Transformer(linformer_config(...))`` uses the same k×n matrix."""
+    ``Transformer(linformer_config(...))`` uses the same k×n matrix.
+
+    ``seed=None`` draws each layer's initialisation from torch's generator (reproducible after
+    ``torch.manual_seed``, different per layer); an int gives every layer that seed (equal initial matrices).
+    """
     from ..general.sharing import PROJECTION_MODES, SharedProjection
     from ..model import TransformerConfig
 
@@ -402,9 +407,10 @@ def linformer_config(config, rank, share="headwise", *, seed=0):
         raise ValueError(f"{where}: unknown share {share!r}; expected one of {', '.join(map(repr, PROJECTION_MODES))}")
     kw = {"rank": rank, "share": share}
     if share == "layerwise":
-        kw["projection"] = SharedProjection(1, config.n_heads, config.max_len, rank, "layerwise", seed=seed)
-    else:
-        kw["seed"] = seed
+        kw["projection"] = SharedProjection(1, config.n_heads, config.max_len, rank, "layerwise",
+                                            seed=_check_seed(seed, where))
+    elif seed is not None:
+        kw["seed"] = _check_seed(seed, where)
     return config.replace(attention="linformer", attention_kwargs=kw, causal=False)
 
 
@@ -474,6 +480,10 @@ def iterative_pinv(A, iters=6):
     Z₀ puts every eigenvalue of A Z₀ in (0, 1] (σ₁² ≤ ‖A‖₁‖A‖∞), so the iteration converges to A⁺; a singular
     value σ needs about log(‖A‖₁‖A‖∞ / σ²) / log(3.25) steps to be reached. (The paper's code takes the norms over
     the whole batch; here each matrix gets its own.) ``torch.linalg.pinv`` is the exact reference.
+
+    Unlike ``pinv`` there is no cut-off for tiny singular values: for a *singular* A the iteration reaches A⁺ and
+    then drifts away, because round-off in the null space grows by 13/4 per step. A softmax matrix Ã has positive
+    entries and is nonsingular in practice; a few steps (the paper's 6) give a usable approximation, not A⁺ itself.
     """
     where = "iterative_pinv"
     _check_matrix(A, "A", where)
@@ -503,14 +513,16 @@ def _nystrom_parts(q, k, landmarks, scale, where):
     if m <= 0 or m > min(T, S):
         raise ValueError(f"{where}: landmarks must be in [1, min(T, S)={min(T, S)}] (each landmark is the mean of "
                          f"≥ 1 token), got {m}")
-    # landmarks: segment means of the queries and keys                                         (B, H, m, D)
+    # queries scaled once (T×D numbers) instead of three score matrices
+    q = q * scale
+    # landmarks: segment means of the (scaled) queries and of the keys                         (B, H, m, D)
     q_l, k_l = segment_means(q, m), segment_means(k, m)
     # F̃ = softmax(Q K̃ᵀ · scale)                                                                (B, H, T, m)
-    f = _softmax_rows((q @ k_l.transpose(-2, -1)) * scale)
+    f = _softmax_rows(q @ k_l.transpose(-2, -1))
     # Ã = softmax(Q̃ K̃ᵀ · scale)                                                                (B, H, m, m)
-    a = _softmax_rows((q_l @ k_l.transpose(-2, -1)) * scale)
+    a = _softmax_rows(q_l @ k_l.transpose(-2, -1))
     # B̃ = softmax(Q̃ Kᵀ · scale)                                                                 (B, H, m, S)
-    b = _softmax_rows((q_l @ k.transpose(-2, -1)) * scale)
+    b = _softmax_rows(q_l @ k.transpose(-2, -1))
     return f, a, b
 
 
