@@ -355,6 +355,15 @@ __all__ = ["load_minilm", "BertEncoder", "minilm_config", "model_files", "fideli
 VARIANTS = {
     "dense (exact)": ("dense", {}),
     "memory-efficient (exact, tiled)": ("memory_efficient", {}),
+    "sparse: local window 64": ("local", {"window": 64, "block_size": 32}),
+    "sparse: Longformer w=64 + [CLS] global": ("longformer", {"window": 64, "global_tokens": 1, "block_size": 32}),
+    "sparse: BigBird b=32 (3 window, 1 global, 1 random)": (
+        "bigbird", {"block_size": 32, "window_blocks": 3, "global_blocks": 1, "random_blocks": 1}),
+    "low-rank: Nyström, 32 landmarks": ("nystrom", {"landmarks": 32}),
+    "low-rank: Linformer k=64 (E, F untrained)": ("linformer", {"rank": 64}),
+    "kernel: Performer, 256 features": ("performer", {"n_features": 256}),
+    "kernel: linear, elu+1": ("linear", {}),
+    "kernel: clustered, 16 clusters": ("clustered", {"n_clusters": 16}),
 }
 
 
