@@ -357,8 +357,8 @@ VARIANTS = {
     "memory-efficient (exact, tiled)": ("memory_efficient", {}),
     "sparse: local window 64": ("local", {"window": 64, "block_size": 32}),
     "sparse: Longformer w=64 + [CLS] global": ("longformer", {"window": 64, "global_tokens": 1, "block_size": 32}),
-    "sparse: BigBird b=32 (3 window, 1 global, 1 random)": (
-        "bigbird", {"block_size": 32, "window_blocks": 3, "global_blocks": 1, "random_blocks": 1}),
+    "sparse: BigBird b=16 (3 window, 1 global, 1 random)": (
+        "bigbird", {"block_size": 16, "window_blocks": 3, "global_blocks": 1, "random_blocks": 1}),
     "low-rank: Nyström, 32 landmarks": ("nystrom", {"landmarks": 32}),
     "low-rank: Linformer k=64 (E, F untrained)": ("linformer", {"rank": 64}),
     "kernel: Performer, 256 features": ("performer", {"n_features": 256}),
@@ -392,18 +392,21 @@ def passages(n_tokens, tokenizer, *, per_topic=2, seed=0):
 
 
 @torch.no_grad()
-def compare_variants(encoder, tokenizer, ns=(128, 256, 512), variants=None, *, batch_size=8, repeat=3):
+def compare_variants(encoder, tokenizer, ns=(128, 256, 512), variants=None, *, batch_size=8, repeat=3,
+                     per_topic=2, memory=True):
     """Each attention variant plugged into the pretrained encoder, no retraining: fidelity, time, peak memory.
 
     Returns a list of dicts ``{variant, n, ms, peak_mib, cosine, top1, top5}``; fidelity is measured against dense
-    attention's embeddings of the same passages (``passages``), time and memory for one forward of ``batch_size``.
+    attention's embeddings of the same passages (``passages``: ``per_topic`` × 12 topics), time and memory for one
+    forward of ``batch_size`` passages (``memory=False`` skips the profiler, ``peak_mib`` is then None). The first
+    variant is the reference (dense attention in ``VARIANTS``).
     """
     from .measure import peak_memory, time_it
 
     variants = VARIANTS if variants is None else variants
     rows = []
     for n in ns:
-        ids, _ = passages(n, tokenizer)
+        ids, _ = passages(n, tokenizer, per_topic=per_topic)
         mask = torch.ones_like(ids)
 
         def embed_all():
@@ -417,11 +420,12 @@ def compare_variants(encoder, tokenizer, ns=(128, 256, 512), variants=None, *, b
                 emb = embed_all()
                 x = ids[:batch_size]
                 t = time_it(encoder, x, warmup=1, repeat=repeat)
-                peak, _ = peak_memory(encoder, x)
+                peak = peak_memory(encoder, x)[0] if memory else None
             if reference is None:
                 reference = emb
             fid = fidelity(reference, emb, [str(i) for i in range(len(ids))])
-            rows.append({"variant": label, "n": n, "ms": t * 1e3, "peak_mib": peak / 2**20, "cosine": fid["cosine"],
+            rows.append({"variant": label, "n": n, "ms": t * 1e3, "peak_mib": None if peak is None else peak / 2**20,
+                         "cosine": fid["cosine"],
                          "top1": fid["top1"], "top5": fid["top5"]})
     return rows
 
