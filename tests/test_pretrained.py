@@ -181,3 +181,22 @@ def test_bad_masks_and_texts(minilm):
         enc.embed(["ok", 3])
     with pytest.raises(TypeError, match="config must be a TransformerConfig"):
         BertEncoder(config="bert")
+
+
+def test_passages_and_variant_comparison(minilm):
+    from effedu.pretrained import VARIANTS, compare_variants, passages, plug_in_variants
+
+    enc, tok = minilm
+    ids, labels = passages(40, tok, per_topic=1)
+    assert ids.shape == (12, 40) and len(set(labels)) == 12
+    assert (ids[:, 0] == tok.cls_id).all() and (ids[:, -1] == tok.sep_id).all() and (ids != tok.pad_id).all()
+    variants = plug_in_variants()
+    assert set(variants) == set(VARIANTS)  # every chapter's variant is registered and plugs in
+    some = {k: variants[k] for k in ("dense (exact)", "memory-efficient (exact, tiled)", "kernel: linear, elu+1")}
+    rows = compare_variants(enc, tok, ns=(32,), variants=some, per_topic=1, repeat=1, memory=False)
+    by = {r["variant"]: r for r in rows}
+    assert by["dense (exact)"]["cosine"] == pytest.approx(1.0) and by["dense (exact)"]["top5"] == 1.0
+    assert by["memory-efficient (exact, tiled)"]["cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert by["kernel: linear, elu+1"]["cosine"] < 0.99  # a different attention: the embeddings move
+    assert all(r["peak_mib"] is None and r["ms"] > 0 for r in rows)
+    assert enc.config.attention == "dense"  # restored
