@@ -462,10 +462,10 @@ def bench_pretrained(args):
     rows = compare_variants(encoder, tokenizer, ns, plug_in_variants())
     lines += ["", "each attention variant plugged in without retraining; fidelity vs dense on 24 passages of n tokens "
               "(12 topics); time and peak memory of one forward of 8 passages",
-              f"{'variant':40s} {'n':>5} {'ms':>8} {'× dense':>8} {'peak MiB':>9} {'cosine':>7} {'top-1':>6} {'top-5':>6}"]
+              f"{'variant':52s} {'n':>5} {'ms':>8} {'× dense':>8} {'peak MiB':>9} {'cosine':>7} {'top-1':>6} {'top-5':>6}"]
     dense_ms = {r["n"]: r["ms"] for r in rows if r["variant"] == "dense (exact)"}
     for r in rows:
-        lines.append(f"{r['variant']:40s} {r['n']:>5} {r['ms']:8.1f} {r['ms'] / dense_ms[r['n']]:7.2f}× "
+        lines.append(f"{r['variant']:52s} {r['n']:>5} {r['ms']:8.1f} {r['ms'] / dense_ms[r['n']]:7.2f}× "
                      f"{r['peak_mib']:9.1f} {r['cosine']:7.3f} {r['top1']:6.2f} {r['top5']:6.2f}")
     return "\n".join(lines)
 
