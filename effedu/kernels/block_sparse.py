@@ -62,7 +62,8 @@ from numba import cuda, njit, prange
 from .._checks import check_positive_int, check_qkv, check_scale
 from . import resolve_backend
 from ._rowops import N_LANES, exp_rows, row_max, row_sum
-from .tiled_attention import CUDA_MAX_GRID_Y, CUDA_MAX_HEAD_DIM, CUDA_STATIC_SMEM_BYTES, _single_threaded_blas
+from .tiled_attention import (CUDA_MAX_GRID_Y, CUDA_MAX_HEAD_DIM, CUDA_STATIC_SMEM_BYTES, _single_threaded_blas,
+                              recompute_tile)
 
 RUN_KEYS = 512  # at most this many consecutive keys (whole blocks) per matrix product in the numba kernels
 CUDA_BLOCK_SIZES = (8, 16, 32, 64, 128)
@@ -270,24 +271,12 @@ def _bs_bwd_dkdv_kernel(q, k, v, dout, lse, delta, layout, n_heads, dk, dv, scal
             qt = q[bh, q0:q1] * scale  # (nq, D)
             dot = dout[bh, q0:q1]  # (nq, Dv)
             for i in range(nq):
-                lim = nk
-                if causal:
-                    lim = max(0, min(nk, q0 + i - k0 + 1))
-                ncols[i] = lim
                 shift[i] = lse[bh, q0 + i]
-            # p_ij = exp(s_ij − lse_i)                                    (nq, nk), recomputed
-            p = np.dot(qt, kt.T)
-            exp_rows(p, shift, ncols)
-            # dV_j += Σ_i p_ij dout_i
+            # p and dS of this (query run, key block), recomputed from the lse (shared with the dense kernel)
+            p, ds = recompute_tile(qt, dot, kt, vt, shift, delta[bh], q0, k0, causal, ncols)
+            # dV_j += Σ_i p_ij dout_i ;  dK_j += Σ_i dS_ij (scale · q_i)
             dv_acc += np.dot(p.T, dot)
-            # dS_ij = p_ij (dP_ij − δ_i),  dP = dout Vᵀ
-            dp = np.dot(dot, vt.T)
-            for i in range(nq):
-                di = delta[bh, q0 + i]
-                for j in range(nk):
-                    p[i, j] = p[i, j] * (dp[i, j] - di)
-            # dK_j += Σ_i dS_ij (scale · q_i)
-            dk_acc += np.dot(p.T, qt)
+            dk_acc += np.dot(ds.T, qt)
         dk[bh, k0:k1] = dk_acc
         dv[bh, k0:k1] = dv_acc
 
@@ -323,21 +312,9 @@ def _bs_bwd_dq_kernel(q, k, v, dout, lse, delta, layout, n_heads, dq, scale, cau
                 kb += 1
             k0 = r0 * b
             k1 = min(kb * b, S)
-            nk = k1 - k0
-            for i in range(nq):
-                lim = nk
-                if causal:
-                    lim = max(0, min(nk, q0 + i - k0 + 1))
-                ncols[i] = lim
-            p = np.dot(qt, k[bh, k0:k1].T)
-            exp_rows(p, shift, ncols)
-            dp = np.dot(dot, v[bh, k0:k1].T)
-            for i in range(nq):
-                di = delta[bh, q0 + i]
-                for j in range(nk):
-                    p[i, j] = p[i, j] * (dp[i, j] - di)
+            _, ds = recompute_tile(qt, dot, k[bh, k0:k1], v[bh, k0:k1], shift, delta[bh], q0, k0, causal, ncols)
             # dQ_i += Σ_j dS_ij k_j   (× scale below)
-            dq_acc += np.dot(p, k[bh, k0:k1])
+            dq_acc += np.dot(ds, k[bh, k0:k1])
         for i in range(nq):
             for d in range(D):
                 dq[bh, q0 + i, d] = dq_acc[i, d] * scale

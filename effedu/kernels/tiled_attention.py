@@ -185,6 +185,33 @@ def _attention_numba_kernel(q, k, v, out, lse, scale, causal, bq, bk):
             lse[bh, q0 + i] = m[i] + math.log(l[i])
 
 
+@njit(cache=True, nogil=True)
+def recompute_tile(qt, dot, kt, vt, shift, delta_bh, q0, k0, causal, ncols):
+    """One (query tile, key tile) of the backward: ``(p, ds)`` with the weights recomputed from the lse.
+
+    ``qt`` = scale · q rows ``q0 …``, ``dot`` = their dout rows, ``kt``/``vt`` key rows ``k0 …``; ``shift[i]`` =
+    lse of query row ``q0 + i``; ``delta_bh`` = δ of every row of this batch·head. ``ncols`` is scratch (≥ nq).
+    Shared by the dense (this module) and block-sparse (``block_sparse.py``) backward kernels.
+    """
+    nq = qt.shape[0]
+    nk = kt.shape[0]
+    for i in range(nq):
+        lim = nk
+        if causal:
+            lim = max(0, min(nk, q0 + i - k0 + 1))  # keys j ≤ i only
+        ncols[i] = lim
+    # p_ij = exp(s_ij − lse_i)                                            (nq, nk), recomputed
+    p = np.dot(qt, kt.T)
+    exp_rows(p, shift, ncols)
+    # dS_ij = p_ij (dP_ij − δ_i),  dP = dout Vᵀ                           (written over dP)
+    ds = np.dot(dot, vt.T)
+    for i in range(nq):
+        di = delta_bh[q0 + i]
+        for j in range(nk):
+            ds[i, j] = p[i, j] * (ds[i, j] - di)
+    return p, ds
+
+
 @njit(parallel=True, fastmath=False, cache=True, nogil=True)
 def _attention_bwd_dkdv_kernel(q, k, v, dout, lse, delta, dk, dv, scale, causal, bq, bk):
     # sweep 1: one job per (batch·head, key tile); dK and dV of the tile accumulate privately
@@ -211,24 +238,11 @@ def _attention_bwd_dkdv_kernel(q, k, v, dout, lse, delta, dk, dv, scale, causal,
             ncols = np.empty(nq, dtype=np.int64)
             shift = np.empty(nq, dtype=q.dtype)
             for i in range(nq):
-                lim = nk
-                if causal:
-                    lim = max(0, min(nk, q0 + i - k0 + 1))
-                ncols[i] = lim
                 shift[i] = lse[bh, q0 + i]
-            # p_ij = exp(s_ij − lse_i)                                    (nq, nk), recomputed
-            p = np.dot(qt, kt.T)
-            exp_rows(p, shift, ncols)
-            # dV_j += Σ_i p_ij dout_i
+            p, ds = recompute_tile(qt, dot, kt, vt, shift, delta[bh], q0, k0, causal, ncols)
+            # dV_j += Σ_i p_ij dout_i ;  dK_j += Σ_i dS_ij (scale · q_i)
             dv_acc += np.dot(p.T, dot)
-            # dS_ij = p_ij (dP_ij − δ_i),  dP = dout Vᵀ
-            dp = np.dot(dot, vt.T)
-            for i in range(nq):
-                di = delta[bh, q0 + i]
-                for j in range(nk):
-                    p[i, j] = p[i, j] * (dp[i, j] - di)
-            # dK_j += Σ_i dS_ij (scale · q_i)
-            dk_acc += np.dot(p.T, qt)
+            dk_acc += np.dot(ds.T, qt)
         dk[bh, k0:k1] = dk_acc
         dv[bh, k0:k1] = dv_acc
 
@@ -254,21 +268,9 @@ def _attention_bwd_dq_kernel(q, k, v, dout, lse, delta, dq, scale, causal, bq, b
         k_end = min(S, q1) if causal else S
         for k0 in range(0, k_end, bk):
             k1 = min(k0 + bk, k_end)
-            nk = k1 - k0
-            for i in range(nq):
-                lim = nk
-                if causal:
-                    lim = max(0, min(nk, q0 + i - k0 + 1))
-                ncols[i] = lim
-            p = np.dot(qt, k[bh, k0:k1].T)
-            exp_rows(p, shift, ncols)
-            dp = np.dot(dot, v[bh, k0:k1].T)
-            for i in range(nq):
-                di = delta[bh, q0 + i]
-                for j in range(nk):
-                    p[i, j] = p[i, j] * (dp[i, j] - di)
+            _, ds = recompute_tile(qt, dot, k[bh, k0:k1], v[bh, k0:k1], shift, delta[bh], q0, k0, causal, ncols)
             # dQ_i += Σ_j dS_ij k_j   (× scale below)
-            dq_acc += np.dot(p, k[bh, k0:k1])
+            dq_acc += np.dot(ds, k[bh, k0:k1])
         for i in range(nq):
             for d in range(D):
                 dq[bh, q0 + i, d] = dq_acc[i, d] * scale
