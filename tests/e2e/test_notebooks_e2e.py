@@ -1,0 +1,95 @@
+"""Every chapter as a learner sees it: JupyterLab in headless Chromium, run all, move a slider, see the plot change.
+
+nbval proves a notebook's text outputs; this proves the page: the chapter opens in JupyterLab, its kernel
+connects, "run all" finishes without an error output, the explorer's controls render as widgets (not as
+``IntSlider(value=…)`` text or "Error displaying widget"), and moving one slider with the keyboard re-runs the
+plot in the kernel and redraws the figure. Screenshots of the explorer before and after the move are written to
+``docs/screenshots/<notebook>-before.png`` / ``-after.png`` (the README shows them).
+
+Each notebook runs from a copy in a temporary folder; the repository's notebooks are never touched.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import time
+
+import pytest
+
+import _lab
+
+pytestmark = pytest.mark.e2e
+
+NOTEBOOKS = sorted(_lab.NOTEBOOK_DIR.glob(_lab.NOTEBOOK_GLOB))
+RUN_TIMEOUT = float(os.environ.get("EFFEDU_E2E_TIMEOUT", "600"))
+SCREENSHOTS = pathlib.Path(os.environ.get("EFFEDU_E2E_SCREENSHOTS", _lab.REPO / "docs" / "screenshots"))
+
+
+def _cell_error_message(path: pathlib.Path, errors: list[dict]) -> str:
+    import json
+
+    cells = json.loads(path.read_text())["cells"]
+    lines = []
+    for e in errors:
+        src = "".join(cells[e["cell"]]["source"]).strip().splitlines()
+        lines.append(f"cell {e['cell']} ({src[0][:80] if src else ''!r}): {e['ename']}: {e['evalue']}")
+    return "; ".join(lines)
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_chapter_runs_and_explorer_redraws(notebook, lab, lab_server):
+    shutil.copyfile(notebook, lab_server.notebook_dir / notebook.name)  # the repo's file is never opened
+    times = _lab.TIMINGS.setdefault(notebook.stem, {})
+    started = time.monotonic()
+    try:
+        _visit(notebook, lab, times)
+    finally:
+        times["total"] = time.monotonic() - started
+
+
+def _visit(notebook, lab, times):
+    name = notebook.name
+    started = time.monotonic()
+
+    # 1. open the chapter and wait for a connected, idle kernel
+    lab.open_notebook(name)
+    times["open"] = time.monotonic() - started
+
+    # 2. run all cells (command id, not a label) and wait on the page state until every cell has executed
+    t = time.monotonic()
+    state = lab.run_all(name, timeout=RUN_TIMEOUT)
+    times["run_all"] = time.monotonic() - t
+    cell_times = {int(i): s for i, s in (state.get("times") or {}).items()}
+    times["cells"] = sum(cell_times.values())
+    times["slowest"] = max(cell_times.items(), key=lambda kv: kv[1], default=(None, 0.0))
+    assert not state["errors"], f"{name}: a cell raised: {_cell_error_message(notebook, state['errors'])}"
+    assert not state["missing"], f"{name}: cells {state['missing']} were not executed"
+    dom_errors = lab.dom_errors()
+    assert not dom_errors, f"{name}: error output(s) on the page: {dom_errors}"
+
+    # 3. the explorer renders as widgets: sliders with handles and the figure, no text repr, no widget error
+    t = time.monotonic()
+    report = lab.explorers()
+    assert not report["problems"], f"{name}: widgets not rendered as widgets: {report['problems']}"
+    assert report["explorers"], f"{name}: no cell calls widgets.explorer("
+    for ex in report["explorers"]:
+        assert ex["widgets"] > 0 and ex["sliders"] > 0 and ex["handles"] == ex["sliders"], (
+            f"{name}: cell {ex['cell']}: the explorer did not render as widgets (sliders with handles): {ex}"
+        )
+    before = lab.wait_image_ready(0)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    lab.screenshot_explorer(SCREENSHOTS / f"{notebook.stem}-before.png", 0)
+
+    # 4. move the first slider with the keyboard; the kernel re-runs the plot and the image is replaced
+    slider, key = lab.move_slider(0)
+    after_slider = lab.sliders(0)[0]
+    assert after_slider["now"] != slider["now"], f"{name}: {key} did not move slider {slider['label']!r}: {slider}"
+    after = lab.wait_image_changed(before, name, 0, timeout=RUN_TIMEOUT)
+    assert after["hash"] != before["hash"] or after["len"] != before["len"]
+    dom_errors = lab.dom_errors()
+    assert not dom_errors, f"{name}: moving {slider['label']!r} showed an error: {dom_errors}"
+    lab.evaluate("() => document.activeElement && document.activeElement.blur()")
+    lab.screenshot_explorer(SCREENSHOTS / f"{notebook.stem}-after.png", 0)
+    times["explore"] = time.monotonic() - t
+    times["moved"] = f"{slider['label']} {slider['readout']} -> {lab.sliders(0)[0]['readout']}"
