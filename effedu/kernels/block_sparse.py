@@ -61,9 +61,9 @@ from numba import cuda, njit, prange
 
 from .._checks import check_positive_int, check_qkv, check_scale
 from . import resolve_backend
-from ._rowops import N_LANES, exp_rows, row_max, row_sum
+from ._rowops import N_LANES
 from .tiled_attention import (CUDA_MAX_GRID_Y, CUDA_MAX_HEAD_DIM, CUDA_STATIC_SMEM_BYTES, _single_threaded_blas,
-                              recompute_tile)
+                              online_softmax_tile, recompute_tile)
 
 RUN_KEYS = 512  # at most this many consecutive keys (whole blocks) per matrix product in the numba kernels
 CUDA_BLOCK_SIZES = (8, 16, 32, 64, 128)
@@ -199,28 +199,8 @@ def _bs_forward_kernel(q, k, v, layout, n_heads, out, lse, scale, causal, b, max
                 kb += 1
             k0 = r0 * b
             k1 = min(kb * b, S)
-            nk = k1 - k0
-            # s_ij = (q_i · k_j) · scale                                    (nq, nk), BLAS sgemm/dgemm
-            s = np.dot(qs, k[bh, k0:k1].T)
-            for i in range(nq):
-                lim = nk  # keys this row may see in the run: all, or j ≤ q0 + i when causal
-                if causal:
-                    lim = max(0, min(nk, q0 + i - k0 + 1))
-                ncols[i] = lim
-                # m_new = max(m_i, max_j s_ij)
-                mx = max(m[i], row_max(s, i, lim, lanes)) if lim > 0 else m[i]
-                # α = exp(m_i − m_new); 0 while nothing was accumulated
-                alpha[i] = math.exp(m[i] - mx) if m[i] > -np.inf else 0.0
-                m[i] = mx
-            # p_ij = exp(s_ij − m_new), 0 for the masked columns      (vectorised exp, in place)
-            exp_rows(s, m, ncols)
-            for i in range(nq):
-                # l_i = α l_i + Σ_j p_ij ;   acc_i = α acc_i (+ P V below)
-                l[i] = alpha[i] * l[i] + row_sum(s, i, nk)
-                for d in range(Dv):
-                    acc[i, d] *= alpha[i]
-            # acc += P V                                                  (nq, Dv), BLAS
-            acc += np.dot(s, v[bh, k0:k1])
+            # one online-softmax step over the run (shared with the dense kernel)
+            online_softmax_tile(qs, k[bh, k0:k1], v[bh, k0:k1], q0, k0, causal, m, l, acc, ncols, alpha, lanes)
         for i in range(nq):
             if l[i] > 0:
                 # out_i = acc_i / l_i ;  lse_i = m_i + log l_i
