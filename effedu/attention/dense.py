@@ -27,6 +27,25 @@ def allowed_mask(mask, causal, T, S, device, B=1, H=1):
     return allowed
 
 
+def masked_softmax(scores, allowed=None):
+    """Row softmax of ``scores`` over the last dim, with an optional boolean ``allowed`` (True = may attend).
+
+    A fully masked row gives weights 0, never NaN. Shared by every attention that forms its weights explicitly.
+    """
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    # subtract the row maximum before exp (softmax is shift-invariant; exp cannot overflow). The shift is a
+    # constant for autograd: no_grad, so no node is built (and nothing saved) for it
+    with torch.no_grad():
+        row_max = scores.amax(dim=-1, keepdim=True)
+    # a fully masked row has max −inf: shift it by 0 instead, its exps are exp(−inf) = 0
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    p = torch.exp(scores - row_max)
+    # weights_ij = p_ij / Σ_j p_ij ; an empty row has Σ = 0 → weights 0 (not 0/0)
+    denom = p.sum(dim=-1, keepdim=True)
+    return p / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
 @register("dense")
 def softmax_attention(q, k, v, *, mask=None, causal=False, scale=None, return_weights=False):
     """softmax(q kᵀ · scale) v with the full score matrix; q ``(B,H,T,D)``, k ``(B,H,S,D)``, v ``(B,H,S,Dv)``.
@@ -42,18 +61,7 @@ def softmax_attention(q, k, v, *, mask=None, causal=False, scale=None, return_we
 
     # scores s_ij = q_i · k_j · scale                                                     (B, H, T, S)
     scores = (q @ k.transpose(-2, -1)) * scale
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    # subtract the row maximum before exp (softmax is shift-invariant; exp cannot overflow). The shift is a
-    # constant for autograd: no_grad, so no node is built (and nothing saved) for it
-    with torch.no_grad():
-        row_max = scores.amax(dim=-1, keepdim=True)
-    # a fully masked row has max −inf: shift it by 0 instead, its exps are exp(−inf) = 0
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    p = torch.exp(scores - row_max)
-    # weights_ij = p_ij / Σ_j p_ij ; an empty row has Σ = 0 → weights 0 (not 0/0)
-    denom = p.sum(dim=-1, keepdim=True)
-    weights = p / torch.where(denom > 0, denom, torch.ones_like(denom))
+    weights = masked_softmax(scores, allowed)
     out = weights @ v
     return (out, weights) if return_weights else out
 
@@ -75,4 +83,4 @@ def tiled_attention(q, k, v, *, mask=None, causal=False, scale=None, return_weig
     return kernels.attention(q, k, v, causal=causal, scale=scale, backend=backend)
 
 
-__all__ = ["softmax_attention", "tiled_attention", "allowed_mask"]
+__all__ = ["softmax_attention", "masked_softmax", "tiled_attention", "allowed_mask"]

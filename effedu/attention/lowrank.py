@@ -56,7 +56,7 @@ import torch.nn as nn
 
 from .._checks import FLOAT_DTYPES, check_mask, check_positive_int, check_qkv, check_scale
 from . import register
-from .dense import allowed_mask, softmax_attention
+from .dense import allowed_mask, masked_softmax, softmax_attention
 
 PINV_METHODS = ("iterative", "exact")
 
@@ -79,20 +79,6 @@ def _check_seed(seed, where):
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"{where}: seed must be a non-negative int or None, got {seed!r}")
     return seed
-
-
-def _softmax_rows(scores, allowed=None):
-    """Row softmax with an optional boolean mask (True = may attend); a fully masked row gives 0, not NaN."""
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    # softmax is shift-invariant: subtract the row max (a constant for autograd) so exp cannot overflow
-    with torch.no_grad():
-        row_max = scores.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    p = torch.exp(scores - row_max)
-    # p_ij / Σ_j p_ij ; an empty row has Σ = 0 → 0
-    denom = p.sum(dim=-1, keepdim=True)
-    return p / torch.where(denom > 0, denom, torch.ones_like(denom))
 
 
 def _no_mask(mask, method, why, where):
@@ -273,7 +259,7 @@ def linformer_attention(q, k, v, E, F=None, *, causal=False, mask=None, scale=No
     k_proj, v_proj = _project(E, k), _project(F, v)
     # P̄ = softmax(Q (E K)ᵀ · scale): each query's weights over k mixtures of keys              (B, H, T, k)
     # (the scale multiplies q — T×D numbers — rather than the T×k scores)
-    weights = _softmax_rows((q * scale) @ k_proj.transpose(-2, -1))
+    weights = masked_softmax((q * scale) @ k_proj.transpose(-2, -1))
     # out = P̄ (F V)                                                                             (B, H, T, Dv)
     out = weights @ v_proj
     return (out, weights) if return_weights else out
@@ -518,11 +504,11 @@ def _nystrom_parts(q, k, landmarks, scale, where):
     # landmarks: segment means of the (scaled) queries and of the keys                         (B, H, m, D)
     q_l, k_l = segment_means(q, m), segment_means(k, m)
     # F̃ = softmax(Q K̃ᵀ · scale)                                                                (B, H, T, m)
-    f = _softmax_rows(q @ k_l.transpose(-2, -1))
+    f = masked_softmax(q @ k_l.transpose(-2, -1))
     # Ã = softmax(Q̃ K̃ᵀ · scale)                                                                (B, H, m, m)
-    a = _softmax_rows(q_l @ k_l.transpose(-2, -1))
+    a = masked_softmax(q_l @ k_l.transpose(-2, -1))
     # B̃ = softmax(Q̃ Kᵀ · scale)                                                                 (B, H, m, S)
-    b = _softmax_rows(q_l @ k.transpose(-2, -1))
+    b = masked_softmax(q_l @ k.transpose(-2, -1))
     return f, a, b
 
 
@@ -619,7 +605,7 @@ def dense_synthesizer_attention(q, k, v, W1, b1, W2, b2, *, causal=False, mask=N
     hidden = torch.relu(torch.einsum("bhtd,hde->bhte", q, W1) + b1[:, None, :])
     # B = hidden W₂ + b₂, one score per position, the first S kept                              (B, H, T, S)
     scores = torch.einsum("bhte,hes->bhts", hidden, W2[..., :S]) + b2[:, None, :S]
-    weights = _softmax_rows(scores, allowed)
+    weights = masked_softmax(scores, allowed)
     out = weights @ v
     return (out, weights) if return_weights else out
 
@@ -639,7 +625,7 @@ def random_synthesizer_attention(q, k, v, R, *, causal=False, mask=None, return_
                          f"and n ≥ S={S}")
     allowed = _synth_allowed(mask, causal, B, H, T, S, q.device, where)
     # weights = softmax(R[:T, :S]) — the same for every input                                    (1, H, T, S)
-    weights = _softmax_rows(R3[None, :, :T, :S], allowed)
+    weights = masked_softmax(R3[None, :, :T, :S], allowed)
     out = weights @ v  # broadcasts over the batch                                               (B, H, T, Dv)
     return (out, weights.expand(B, -1, -1, -1)) if return_weights else out
 
