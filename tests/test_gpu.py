@@ -21,14 +21,7 @@ import torch.nn.functional as F
 from effedu import kernels
 from effedu.kernels import tiled_attention as ta
 
-HAVE_GPU = kernels.cuda_usable()
-gpu = pytest.mark.gpu
-needs_gpu = pytest.mark.skipif(
-    not HAVE_GPU, reason=f"needs a real CUDA GPU that numba.cuda can drive: backends()['cuda'] = {kernels.backends()['cuda']!r}"
-)
-needs_simulator_off = pytest.mark.skipif(
-    kernels.simulator_enabled(), reason="NUMBA_ENABLE_CUDASIM=1 in this process: run tests/cudasim for the simulator"
-)
+from _gpu import HAVE_GPU, gpu, needs_gpu, needs_nvvm, needs_simulator_off  # noqa: E402,F401
 
 # float32 on the GPU: float32 arithmetic, S ≤ 257 terms per row; the oracle is float64 SDPA on the CPU
 TOL = {torch.float32: dict(atol=3e-5, rtol=3e-4), torch.float64: dict(atol=1e-10, rtol=1e-9)}
@@ -215,19 +208,8 @@ def test_cuda_kernel_avoids_builtin_min_max():
     assert not used & {"min", "max"}, f"builtin {sorted(used & {'min', 'max'})} in the CUDA kernel"
 
 
-def _nvvm_available():
-    if kernels.simulator_enabled():
-        return False
-    try:
-        from numba.cuda.cudadrv import nvvm
-
-        return nvvm.is_available()
-    except Exception:
-        return False
-
-
 @needs_simulator_off
-@pytest.mark.skipif(not _nvvm_available(), reason="needs libNVVM (CUDA toolkit) to compile the kernel to PTX")
+@needs_nvvm
 @pytest.mark.parametrize("np_dtype, block, D", [(np.float32, 32, 64), (np.float64, 32, 128), (np.float32, 128, 128)])
 def test_cuda_kernel_compiles_for_hopper(monkeypatch, np_dtype, block, D):
     """Compile the real (non-simulator) kernel to sm_90 PTX, and assemble it when ptxas is around: catches
@@ -310,7 +292,7 @@ def test_cuda_backward_kernels_avoid_builtin_min_max(name):
 
 
 @needs_simulator_off
-@pytest.mark.skipif(not _nvvm_available(), reason="needs libNVVM (CUDA toolkit) to compile the kernel to PTX")
+@needs_nvvm
 @pytest.mark.parametrize("np_dtype, block, D", [(np.float32, 32, 64), (np.float64, 32, 128), (np.float32, 128, 128)])
 def test_cuda_backward_kernels_compile_for_hopper(monkeypatch, np_dtype, block, D):
     import numba.cuda.dispatcher as dispatcher

@@ -20,14 +20,7 @@ from effedu import kernels
 from effedu.attention import kernelized as K
 from effedu.kernels import linear_attention as la
 
-HAVE_GPU = kernels.cuda_usable()
-gpu = pytest.mark.gpu
-needs_gpu = pytest.mark.skipif(
-    not HAVE_GPU, reason=f"needs a real CUDA GPU that numba.cuda can drive: backends()['cuda'] = {kernels.backends()['cuda']!r}"
-)
-needs_simulator_off = pytest.mark.skipif(
-    kernels.simulator_enabled(), reason="NUMBA_ENABLE_CUDASIM=1 in this process: run tests/cudasim for the simulator"
-)
+from _gpu import HAVE_GPU, gpu, needs_gpu, needs_nvvm, needs_simulator_off  # noqa: E402,F401
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-3), torch.float64: dict(atol=1e-10, rtol=1e-9)}
 
 
@@ -113,19 +106,8 @@ def test_cuda_tiles_fit_static_shared_memory(np_dtype, chunk):
         assert (2 * C * dmax + C * C) * itemsize <= la.CUDA_STATIC_SMEM_BYTES, (width, C, dmax)
 
 
-def _nvvm_available():
-    if kernels.simulator_enabled():
-        return False
-    try:
-        from numba.cuda.cudadrv import nvvm
-
-        return nvvm.is_available()
-    except Exception:
-        return False
-
-
 @needs_simulator_off
-@pytest.mark.skipif(not _nvvm_available(), reason="needs libNVVM (CUDA toolkit) to compile the kernels to PTX")
+@needs_nvvm
 @pytest.mark.parametrize("np_dtype, width", [(np.float32, 65), (np.float64, 65), (np.float32, 256)])
 def test_cuda_kernels_compile_for_hopper(monkeypatch, np_dtype, width):
     """Compile the three real (non-simulator) kernels to sm_90 PTX and assemble them when ptxas is around."""

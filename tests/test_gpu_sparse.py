@@ -22,14 +22,7 @@ from effedu.attention import sparse as sp
 from effedu.attention.dense import softmax_attention
 from effedu.kernels import block_sparse as bsk
 
-HAVE_GPU = kernels.cuda_usable()
-gpu = pytest.mark.gpu
-needs_gpu = pytest.mark.skipif(
-    not HAVE_GPU, reason=f"needs a real CUDA GPU that numba.cuda can drive: backends()['cuda'] = {kernels.backends()['cuda']!r}"
-)
-needs_simulator_off = pytest.mark.skipif(
-    kernels.simulator_enabled(), reason="NUMBA_ENABLE_CUDASIM=1 in this process: run tests/cudasim for the simulator"
-)
+from _gpu import HAVE_GPU, gpu, needs_gpu, needs_nvvm, needs_simulator_off  # noqa: E402,F401
 
 TOL = {torch.float32: dict(atol=3e-5, rtol=3e-4), torch.float64: dict(atol=1e-10, rtol=1e-9)}
 
@@ -149,19 +142,8 @@ def test_cuda_tiles_fit_static_shared_memory(np_dtype, block):
             assert (2 * bt * dmax + 2 * bt) * itemsize <= bsk.CUDA_STATIC_SMEM_BYTES, (D, Dv, bt, dmax)
 
 
-def _nvvm_available():
-    if kernels.simulator_enabled():
-        return False
-    try:
-        from numba.cuda.cudadrv import nvvm
-
-        return nvvm.is_available()
-    except Exception:
-        return False
-
-
 @needs_simulator_off
-@pytest.mark.skipif(not _nvvm_available(), reason="needs libNVVM (CUDA toolkit) to compile the kernels to PTX")
+@needs_nvvm
 @pytest.mark.parametrize("np_dtype, block, D", [(np.float32, 64, 64), (np.float64, 32, 128), (np.float32, 128, 128),
                                                 (np.float32, 8, 16)])
 def test_cuda_kernels_compile_for_hopper(monkeypatch, np_dtype, block, D):
