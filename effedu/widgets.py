@@ -29,6 +29,17 @@ Without an explicit default a control starts at the plot function's own default 
 one of the choices / inside the range), else at the slider's minimum / the first choice — the cheapest setting,
 so that a CPU run of the notebook stays quick.
 
+Controls that depend on other controls: ``depends={name: rule}``, where ``rule(values) -> dict`` receives the
+current ``{parameter: value}`` and returns what to change on that control — ``min``/``max`` (a slider's range,
+its value clamped into it), ``options`` (a dropdown's choices), ``visible`` (False hides a control that the
+current setting does not use). The rules run before every redraw, so a control never offers a value that does
+nothing::
+
+    explorer(plot, depth=(2, 36, 1, 12), segments=(1, 36, 1, 3),
+             depends={"segments": lambda v: {"max": v["depth"]}})            # never more segments than layers
+    explorer(plot, pattern=["local", "bigbird"], random_blocks=(0, 4, 1),
+             depends={"random_blocks": lambda v: {"visible": v["pattern"] == "bigbird"}})
+
 Sliders are created with ``continuous_update=False``: the plot is redrawn when the learner *releases* the slider,
 not for every pixel of a drag (which would queue dozens of slow re-runs).
 
@@ -280,9 +291,11 @@ class Explorer(widgets.VBox):
     Build it with :func:`explorer`.
     """
 
-    def __init__(self, plot_fn, controls, title=None):
+    def __init__(self, plot_fn, controls, title=None, depends=None):
         self.plot_fn = plot_fn
         self.controls = dict(controls)
+        self.depends = dict(depends or {})
+        self._adjusting = False
         self.output = widgets.Output(layout=widgets.Layout(min_height="120px"))
         self.last_figure = None
         self.last_error = None
@@ -291,6 +304,7 @@ class Explorer(widgets.VBox):
         super().__init__(children=[*header, row, self.output])
         for widget in self.controls.values():
             widget.observe(self._on_change, names="value")
+        self._apply_depends()
         self.update()
 
     @property
@@ -298,7 +312,24 @@ class Explorer(widgets.VBox):
         """The current ``{parameter: value}`` the plot function is called with."""
         return {name: widget.value for name, widget in self.controls.items()}
 
+    def visible(self, name):
+        """Whether control ``name`` is shown (a ``depends`` rule may hide it)."""
+        return self.controls[name].layout.display != "none"
+
+    def _apply_depends(self):
+        """Run every ``depends`` rule on the current values (twice: a clamped value may feed another rule)."""
+        self._adjusting = True
+        try:
+            for _ in range(2):
+                for name, rule in self.depends.items():
+                    _apply_rule(name, self.controls[name], rule(self.values))
+        finally:
+            self._adjusting = False
+
     def _on_change(self, change):
+        if self._adjusting:  # a rule moved a value: one redraw after all rules ran, not one per change
+            return
+        self._apply_depends()
         self.update()
 
     def update(self):
@@ -332,23 +363,72 @@ class Explorer(widgets.VBox):
         return self.last_figure
 
 
-def explorer(plot_fn, *, title=None, **controls):
+_RULE_KEYS = {"min", "max", "options", "visible"}
+
+
+def _apply_rule(name, widget, change):
+    where = f"explorer: depends[{name!r}]"
+    if not isinstance(change, dict) or not set(change) <= _RULE_KEYS:
+        raise TypeError(f"{where}: a rule must return a dict with keys among {sorted(_RULE_KEYS)}, got {change!r}")
+    if "visible" in change:
+        widget.layout.display = None if change["visible"] else "none"
+    if "options" in change:
+        if not isinstance(widget, widgets.Dropdown):
+            raise TypeError(f"{where}: 'options' applies to a dropdown, {name} is a {type(widget).__name__}")
+        options = list(change["options"])
+        if not options:
+            raise ValueError(f"{where}: 'options' must not be empty")
+        if list(widget.options) != options:
+            value = widget.value
+            widget.options = options
+            values = [o[1] if isinstance(o, tuple) else o for o in options]
+            widget.value = value if _safe_in(value, values) else values[0]
+    for key in ("min", "max"):
+        if key in change:
+            if not isinstance(widget, (widgets.IntSlider, widgets.FloatSlider)):
+                raise TypeError(f"{where}: {key!r} applies to a slider, {name} is a {type(widget).__name__}")
+    if "min" in change or "max" in change:
+        lo = change.get("min", widget.min)
+        hi = change.get("max", widget.max)
+        if not lo <= hi:
+            raise ValueError(f"{where}: min must be <= max, got min={lo}, max={hi}")
+        # widen first, then narrow, so that ipywidgets never sees min > max on the way
+        if hi > widget.max:
+            widget.max = hi
+        widget.min = lo
+        widget.max = hi
+        widget.value = min(max(widget.value, lo), hi)
+
+
+def explorer(plot_fn, *, title=None, depends=None, **controls):
     """An interactive explorer of ``plot_fn``: one control per keyword (see the module docstring for the specs).
 
     Returns an :class:`Explorer` (an ``ipywidgets.VBox``) already showing the plot for the initial values; its
     ``.controls``, ``.output``, ``.update()`` and ``.last_figure`` are there for code and tests.
 
+    ``depends`` maps a control's name to a rule ``values -> {"min"|"max"|"options"|"visible": ...}`` (see the
+    module docstring).
+
     Raises ``TypeError`` for a control that is not a parameter of ``plot_fn``, a parameter without default that
     has no control, or a control spec that is not supported; ``ValueError`` for a malformed range.
     """
     where = "explorer"
+    if depends is not None:
+        if not isinstance(depends, dict):
+            raise TypeError(f"{where}: depends must be a dict {{control name: rule}}, got {type(depends).__name__}")
+        for name, rule in depends.items():
+            if name not in controls:
+                raise ValueError(f"{where}: depends names {name!r}, which is not a control (controls: "
+                                 f"{', '.join(controls)})")
+            if not callable(rule):
+                raise TypeError(f"{where}: depends[{name!r}] must be callable (values -> dict), got {rule!r}")
     if title is not None and not isinstance(title, str):
         raise TypeError(f"{where}: title must be a str or None, got {type(title).__name__}")
     if not controls:
         raise TypeError(f"{where}: give at least one control, e.g. explorer(plot, n=(64, 1024, 64))")
     defaults = _check_call(plot_fn, list(controls), where)
     made = {name: _make_control(name, spec, defaults.get(name), where) for name, spec in controls.items()}
-    return Explorer(plot_fn, made, title=title)
+    return Explorer(plot_fn, made, title=title, depends=depends)
 
 
 def static(plot_fn, **values):

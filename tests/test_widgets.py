@@ -212,3 +212,60 @@ def test_explorer_shows_warnings_once_each():
     ex = explorer(plot, k=(1, 2, 1))
     (stderr,) = [o for o in ex.output.outputs if o["output_type"] == "stream"]
     assert stderr["name"] == "stderr" and stderr["text"] == "UserWarning: slow path\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# controls that depend on other controls (depends=)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _depth_plot(depth=12, segments=3, pattern="local", random_blocks=1, size="s"):
+    _depth_plot.calls.append(dict(depth=depth, segments=segments, pattern=pattern, random_blocks=random_blocks,
+                                  size=size))
+    return Figure(figsize=(1, 1))
+
+
+def _dep_explorer():
+    _depth_plot.calls = []
+    return explorer(
+        _depth_plot, depth=(2, 36, 1, 12), segments=(1, 36, 1, 3), pattern=["local", "bigbird"],
+        random_blocks=(0, 4, 1), size=["s", "m", "l"],
+        depends={"segments": lambda v: {"max": v["depth"]},
+                 "random_blocks": lambda v: {"visible": v["pattern"] == "bigbird"},
+                 "size": lambda v: {"options": ["s", "m", "l"] if v["depth"] > 4 else ["s"]}},
+    )
+
+
+def test_depends_bounds_a_slider_by_another_and_redraws_once():
+    ex = _dep_explorer()
+    assert ex.controls["segments"].max == 12 and len(_depth_plot.calls) == 1
+    ex.controls["segments"].value = 10
+    ex.controls["depth"].value = 4  # segments 10 > depth 4: clamped to 4, the slider cannot offer more
+    assert ex.controls["segments"].max == 4 and ex.controls["segments"].value == 4
+    assert _depth_plot.calls[-1]["segments"] == 4 and _depth_plot.calls[-1]["depth"] == 4
+    assert len(_depth_plot.calls) == 3  # one redraw per learner move, not one per adjusted control
+    ex.controls["depth"].value = 30
+    assert ex.controls["segments"].max == 30 and ex.controls["segments"].value == 4
+
+
+def test_depends_hides_unused_controls_and_narrows_options():
+    ex = _dep_explorer()
+    assert not ex.visible("random_blocks") and ex.visible("segments")
+    ex.controls["pattern"].value = "bigbird"
+    assert ex.visible("random_blocks")
+    ex.controls["size"].value = "l"
+    ex.controls["depth"].value = 3
+    assert list(ex.controls["size"].options) == ["s"] and ex.controls["size"].value == "s"
+
+
+@pytest.mark.parametrize("depends, exc, match", [
+    ({"nope": lambda v: {}}, ValueError, "not a control"),
+    ({"n": 3}, TypeError, "callable"),
+    ([("n", None)], TypeError, "must be a dict"),
+    ({"n": lambda v: {"colour": 1}}, TypeError, "keys among"),
+    ({"n": lambda v: {"options": [1]}}, TypeError, "dropdown"),
+    ({"n": lambda v: {"min": 100, "max": 10}}, ValueError, "min must be <= max"),
+])
+def test_depends_rejects(depends, exc, match):
+    with pytest.raises(exc, match=match):
+        explorer(Recorder(), n=(64, 512, 32), depends=depends)
