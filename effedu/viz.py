@@ -42,6 +42,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullForm
 __all__ = [
     "CourseFigure",
     "to_mib",
+    "log_scale",
     "plot_attention_heads",
     "plot_memory_timeline",
     "plot_gradient_flow",
@@ -165,6 +166,31 @@ def _fmt_number(x):
 
 def _tick_label(x):
     return f"{int(x)}" if float(x).is_integer() else f"{x:g}"
+
+
+def log_scale(ax, axis="y", *, ticks=None):
+    """Put ``ax``'s ``axis`` ("x" or "y") on a log scale whose labels never overlap.
+
+    matplotlib labels the *minor* ticks of a log axis that spans less than about a decade (2×10², 3×10², …) in the
+    same font as the major ones, and they collide. Here minor ticks stay as marks without labels; with ``ticks``
+    (e.g. the measured sizes 64, 128, …) exactly those values are the labelled major ticks, written plainly.
+    """
+    where = "log_scale"
+    if not isinstance(ax, Axes):
+        raise TypeError(f"{where}: ax must be a matplotlib Axes, got {type(ax).__name__}")
+    if axis not in ("x", "y"):
+        raise ValueError(f"{where}: axis must be 'x' or 'y', got {axis!r}")
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+    if ticks is not None:
+        values = np.unique(np.asarray(ticks, dtype=float))
+        if values.size == 0 or not np.all(np.isfinite(values)) or np.any(values <= 0):
+            raise ValueError(f"{where}: ticks must be positive finite numbers, got {ticks!r}")
+        target.set_major_locator(FixedLocator(values))
+        target.set_major_formatter(FuncFormatter(lambda v, _pos: _tick_label(v)))
+        target.set_minor_locator(NullLocator())
+    target.set_minor_formatter(NullFormatter())
+    return ax
 
 
 def to_mib(nbytes):
@@ -465,7 +491,8 @@ def plot_memory_timeline(timeline, *, title="Activation memory over one training
 def plot_gradient_flow(norms, *, title="Gradient norm per layer", log=True):
     """The gradient norm ‖∂L/∂θ_ℓ‖₂ of each layer ℓ, one line per setting (``{"pre-LN": [..], "post-LN": [..]}``).
 
-    Layer 0 is the one closest to the input. A healthy network has roughly flat lines; Post-LN Transformers at
+    Layers are numbered from 1 (the one closest to the input), as everywhere the course displays layers and heads
+    (the API's indices start at 0: ``norms[0]`` is layer 1). A healthy network has roughly flat lines; Post-LN Transformers at
     initialisation show gradients growing towards the output layers (Xiong et al. 2020), which is why they need a
     learning-rate warm-up. A plain sequence is accepted as a single series.
     """
@@ -488,12 +515,12 @@ def plot_gradient_flow(norms, *, title="Gradient norm per layer", log=True):
             raise ValueError(
                 f"{where}: norms[{label!r}] has 0 at layer {i}, which a log axis cannot show; pass log=False"
             )
-        ax.plot(np.arange(len(ys)), ys, marker="o", ms=4, lw=1.5, label=label)
+        ax.plot(np.arange(1, len(ys) + 1), ys, marker="o", ms=4, lw=1.5, label=label)
         longest = max(longest, len(ys))
     if log:
-        ax.set_yscale("log")
+        log_scale(ax, "y")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("layer index ℓ (0 = closest to the input)")
+    ax.set_xlabel("layer ℓ (1 = closest to the input)")
     ax.set_ylabel(r"gradient norm $\Vert\partial L/\partial\theta_\ell\Vert_2$" + (" (log scale)" if log else ""))
     ax.set_title(title)
     if len(norms) > 1:
@@ -602,15 +629,10 @@ def plot_scaling(
     if fitted_any:
         handles.append(Line2D([], [], color="grey", ls="--", label=f"least-squares fit c·{symbol}^p"))
     if logx:
-        ax.set_xscale("log")
-        if np.unique(n).size <= 12:
-            # label the measured sizes themselves (128, 256, …) rather than decades
-            ax.xaxis.set_major_locator(FixedLocator(np.unique(n)))
-            ax.set_xticklabels([_tick_label(v) for v in np.unique(n)])
-            ax.xaxis.set_minor_locator(NullLocator())
-            ax.xaxis.set_minor_formatter(NullFormatter())
+        # label the measured sizes themselves (128, 256, …) rather than decades when there are few
+        log_scale(ax, "x", ticks=np.unique(n) if np.unique(n).size <= 12 else None)
     if logy:
-        ax.set_yscale("log")
+        log_scale(ax, "y")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -761,7 +783,7 @@ def plot_curves(curves, *, xlabel="step", ylabel="loss", title="Training curves"
             )
         ax.plot(xs, np.where(finite, ys, np.nan), lw=1.5, label=label, marker="o" if ys.size <= 30 else None, ms=3)
     if logy:
-        ax.set_yscale("log")
+        log_scale(ax, "y")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -258,10 +258,10 @@ def test_gradient_flow():
     (ax,) = fig.axes
     assert ax.get_title() == "Gradient norm per layer"
     assert ax.get_yscale() == "log"
-    assert "layer" in ax.get_xlabel() and "0 = closest to the input" in ax.get_xlabel()
+    assert "layer" in ax.get_xlabel() and "1 = closest to the input" in ax.get_xlabel()
     assert "gradient norm" in ax.get_ylabel() and "log scale" in ax.get_ylabel()
     assert [ln.get_label() for ln in ax.lines] == ["pre-LN", "post-LN"]
-    np.testing.assert_array_equal(ax.lines[1].get_xdata(), [0, 1, 2, 3])
+    np.testing.assert_array_equal(ax.lines[1].get_xdata(), [1, 2, 3, 4])  # layers are shown 1-based
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["pre-LN", "post-LN"]
     _render(fig)
     assert viz.plot_gradient_flow([0.0, 1.0], log=False).axes[0].get_yscale() == "linear"
@@ -463,3 +463,31 @@ def test_attention_heads_single_head_has_no_head_0_title():
     assert [ax.get_title() for ax in _heatmap_axes(fig)] == [""]
     fig3 = viz.plot_attention_heads(torch.softmax(torch.randn(2, 5, 5), -1))
     assert [ax.get_title() for ax in _heatmap_axes(fig3)] == ["head 0", "head 1"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# log axes without overlapping labels
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_log_scale_labels_only_major_ticks():
+    fig = viz.CourseFigure(figsize=(5, 3))
+    ax = fig.subplots()
+    ax.plot([200, 300, 500, 900], [1, 2, 3, 4])  # less than a decade: matplotlib would label minor ticks
+    viz.log_scale(ax, "x")
+    _render(fig)
+    assert ax.get_xscale() == "log"
+    assert all(lbl.get_text() == "" for lbl in ax.xaxis.get_minorticklabels())
+    fig2 = viz.CourseFigure(figsize=(5, 3))
+    ax2 = fig2.subplots()
+    ax2.plot([16, 32, 64, 128], [1, 2, 3, 4])
+    viz.log_scale(ax2, "x", ticks=[16, 32, 64, 128])
+    _render(fig2)
+    assert [t.get_text() for t in ax2.get_xticklabels()] == ["16", "32", "64", "128"]
+    assert len(ax2.xaxis.get_minorticklocs()) == 0
+    with pytest.raises(ValueError, match="axis must be"):
+        viz.log_scale(ax2, "z")
+    with pytest.raises(ValueError, match="positive"):
+        viz.log_scale(ax2, "x", ticks=[0, 1])
+    with pytest.raises(TypeError, match="Axes"):
+        viz.log_scale(None)
