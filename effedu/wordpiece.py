@@ -42,7 +42,10 @@ The oracle is Hugging Face ``tokenizers`` on the same vocabulary (``tests/test_w
 accents, punctuation, CJK, emoji, control characters, whitespace runs and random strings. One known divergence:
 ``tokenizers`` classifies characters with Unicode tables from about 2016, Python's ``unicodedata`` is newer, so a
 few characters assigned since (e.g. U+0890, an Arabic format character from Unicode 14) are dropped here as format
-characters but kept (→ ``[UNK]``) there.
+characters but kept (→ ``[UNK]``) there. Which characters those are depends on the Python version, since each
+ships its own ``unicodedata`` (``unicodedata.unidata_version``): Python 3.10 has Unicode 13.0, where U+0890 is
+unassigned, so 3.10 keeps it (→ ``[UNK]``, like ``tokenizers``); 3.11 (14.0), 3.12 (15.0) and 3.13 (15.1) drop it.
+Text made of characters assigned by Unicode 13 — everything the course tokenizes — gives the same ids everywhere.
 """
 from __future__ import annotations
 
