@@ -471,6 +471,40 @@ JS_SLIDER_INFO = """(n) => {
   });
 }"""
 
+# every control of explorer n that the learner can see (a depends= rule may hide some): sliders, dropdowns,
+# checkboxes, in page order, with what a move needs (the slider's value and range, the dropdown's options)
+JS_CONTROLS = """(n) => {
+  const root = document.querySelector(`[data-e2e-explorer="${n}"] .jp-Cell-outputArea`);
+  if (!root) return [];
+  const visible = (el) => !!(el.offsetParent) && el.getBoundingClientRect().width > 0;
+  const out = [];
+  const kinds = [['slider', '.widget-slider'], ['dropdown', '.widget-dropdown'], ['checkbox', '.widget-checkbox']];
+  for (const [kind, sel] of kinds) {
+    root.querySelectorAll(sel).forEach((el, index) => {
+      if (!visible(el)) return;
+      const label = el.querySelector('.widget-label');
+      const c = {kind, index, label: label ? label.textContent.trim() : ''};
+      if (kind === 'slider') {
+        const h = el.querySelector('.noUi-handle');
+        c.now = h ? h.getAttribute('aria-valuenow') : null;
+        c.min = h ? h.getAttribute('aria-valuemin') : null;
+        c.max = h ? h.getAttribute('aria-valuemax') : null;
+        const r = el.querySelector('.widget-readout');
+        c.readout = r ? r.textContent : '';
+      } else if (kind === 'dropdown') {
+        const s = el.querySelector('select');
+        c.options = s ? Array.from(s.options).map((o) => o.textContent) : [];
+        c.now = s ? s.selectedIndex : null;
+      } else {
+        const i = el.querySelector('input[type="checkbox"]');
+        c.now = i ? i.checked : null;
+      }
+      out.push(c);
+    });
+  }
+  return out;
+}"""
+
 JS_CLOSE_CURRENT = """() => {
   const w = window.jupyterapp.shell.currentWidget;
   if (!w) return false;
@@ -645,6 +679,43 @@ class LabPage:
         handle.focus()
         handle.press(key)
         return info, key
+
+    def controls(self, n=0):
+        """The visible controls of explorer ``n`` (see ``JS_CONTROLS``)."""
+        return self.page.evaluate(JS_CONTROLS, n)
+
+    def move_control(self, n, control: dict, end: str):
+        """Move one control to one end, as a learner does: a slider's handle with Home/End, a dropdown to its
+        first/last option, a checkbox toggled. Returns a description of the move, or None when the control
+        already sits there (nothing to redraw)."""
+        base = f'[data-e2e-explorer="{n}"] .jp-Cell-outputArea'
+        kind, index = control["kind"], control["index"]
+        if kind == "slider":
+            target = control["max"] if end == "max" else control["min"]
+            if control["now"] is None or float(control["now"]) == float(target):
+                return None
+            handle = self.page.locator(f"{base} .widget-slider .noUi-handle").nth(index)
+            handle.scroll_into_view_if_needed()
+            handle.focus()
+            handle.press("End" if end == "max" else "Home")
+            return f"{control['label']} {control['readout']} -> {end}"
+        if kind == "dropdown":
+            last = len(control["options"]) - 1
+            target = last if end == "max" else 0
+            if last < 1 or control["now"] == target:
+                return None
+            select = self.page.locator(f"{base} .widget-dropdown select").nth(index)
+            select.scroll_into_view_if_needed()
+            select.select_option(index=target)
+            return f"{control['label']} {control['options'][control['now']]!r} -> {control['options'][target]!r}"
+        if kind == "checkbox":
+            if (end == "max") == bool(control["now"]):
+                return None
+            box = self.page.locator(f'{base} .widget-checkbox input[type="checkbox"]').nth(index)
+            box.scroll_into_view_if_needed()
+            box.click()
+            return f"{control['label']} {bool(control['now'])} -> {not control['now']}"
+        raise AssertionError(f"unknown control kind {kind!r}")
 
     def wait_image_changed(self, before: dict, path: str, n=0, timeout: float = 120, stable: float = 0.5):
         """Wait until the explorer's image differs from ``before`` and has not changed for ``stable`` seconds

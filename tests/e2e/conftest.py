@@ -73,6 +73,7 @@ def pytest_terminal_summary(terminalreporter):
             f"{t.get('total', 0.0) - t.get('cells', float('nan')):8.1f}  "
             + (f"#{t['slowest'][0]} {t['slowest'][1]:.1f}" if t.get("slowest") and t["slowest"][0] is not None else "")
             + (f"  (slider: {t['moved']})" if t.get("moved") else "")
+            + (f"  ({t['moves']} control moves in {t['controls']:.1f} s)" if t.get("moves") else "")
         )
     setup = TIMINGS_SESSION.get("setup")
     extra = f"; session set-up (server + browser) {setup:.1f} s" if setup is not None else ""

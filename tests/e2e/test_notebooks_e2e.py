@@ -3,7 +3,10 @@
 nbval proves a notebook's text outputs; this proves the page: the chapter opens in JupyterLab, its kernel
 connects, "run all" finishes without an error output, the explorer's controls render as widgets (not as
 ``IntSlider(value=…)`` text or "Error displaying widget"), and moving one slider with the keyboard re-runs the
-plot in the kernel and redraws the figure. Screenshots of the explorer before and after the move are written to
+plot in the kernel and redraws the figure. Then every visible control of every explorer is moved to both ends
+(sliders with Home/End, dropdowns to their last and first option, checkboxes toggled): each move must redraw the
+figure, without an error — a control that changes nothing is a defect (bound it or hide it with ``depends=``).
+This reuses the kernel of the run: the explorer cells alone, no second run of the notebook. Screenshots of the explorer before and after the move are written to
 ``docs/screenshots/<notebook>-before.png`` / ``-after.png`` (the README shows them).
 
 Each notebook runs from a copy in a temporary folder; the repository's notebooks are never touched.
@@ -23,6 +26,7 @@ pytestmark = pytest.mark.e2e
 
 NOTEBOOKS = sorted(_lab.NOTEBOOK_DIR.glob(_lab.NOTEBOOK_GLOB))
 RUN_TIMEOUT = float(os.environ.get("EFFEDU_E2E_TIMEOUT", "600"))
+MOVE_TIMEOUT = float(os.environ.get("EFFEDU_E2E_MOVE_TIMEOUT", "90"))  # one redraw after one move
 SCREENSHOTS = pathlib.Path(os.environ.get("EFFEDU_E2E_SCREENSHOTS", _lab.REPO / "docs" / "screenshots"))
 
 
@@ -93,3 +97,31 @@ def _visit(notebook, lab, times):
     lab.screenshot_explorer(SCREENSHOTS / f"{notebook.stem}-after.png", 0)
     times["explore"] = time.monotonic() - t
     times["moved"] = f"{slider['label']} {slider['readout']} -> {lab.sliders(0)[0]['readout']}"
+
+    # 5. every visible control of every explorer, to both ends: each move redraws the figure
+    t = time.monotonic()
+    moves = 0
+    for n in range(len(report["explorers"])):
+        seen = set()
+        while True:  # re-read the controls after each move: a depends= rule may show, hide or re-bound some
+            todo = [(c, end) for c in lab.controls(n) for end in ("max", "min")
+                    if (c["kind"], c["index"], c["label"], end) not in seen]
+            if not todo:
+                break
+            control, end = todo[0]
+            seen.add((control["kind"], control["index"], control["label"], end))
+            before = lab.wait_image_ready(n)
+            moved = lab.move_control(n, control, end)
+            if moved is None:
+                continue
+            try:
+                lab.wait_image_changed(before, name, n, timeout=MOVE_TIMEOUT)
+            except AssertionError as exc:
+                raise AssertionError(f"{name}: explorer {n + 1}: moving {moved} did not redraw the figure "
+                                     f"(a control that changes nothing?): {exc}") from None
+            dom_errors = lab.dom_errors()
+            assert not dom_errors, f"{name}: explorer {n + 1}: moving {moved} showed an error: {dom_errors}"
+            moves += 1
+    assert moves >= 2, f"{name}: only {moves} control move(s) redrew the figure"
+    times["controls"] = time.monotonic() - t
+    times["moves"] = moves
