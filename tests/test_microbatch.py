@@ -267,8 +267,9 @@ def test_two_process_pipeline_equals_single_process():
     configs = [{"n_micro": 3}]
     if mb._checkpoint is not None:
         configs.append({"n_micro": 2, "remat": True})
-    results = mb.run_pipelines(model, batch, configs, n_stages=2, warmup=0, timeout=60)
+    results = mb.run_pipelines(model, batch, configs, n_stages=2, warmup=0, repeats=2, timeout=300)
     for cfg, res in zip(configs, results):
+        assert len(res["step_times"]) == 2 and res["wall_time"] == pytest.approx(min(res["step_times"]))  # best
         assert res["loss"] == pytest.approx(full_loss, rel=1e-12)
         assert_grads_close(res["grads"], ref, torch.float64)
         sim = mb.simulate_pipeline(model, batch, cfg["n_micro"], 2, remat=cfg.get("remat", False))
@@ -292,7 +293,7 @@ def test_torch_pipelining_oracle_agrees():
     x, y = ragged_batch(B=8)
     full_loss = mb.full_batch_gradients(model, (x, y))
     ref = grads_of(model)
-    res = mb.run_torch_pipeline(model, (x, y), 4, timeout=60)
+    res = mb.run_torch_pipeline(model, (x, y), 4, timeout=300)
     assert res["loss"] == pytest.approx(full_loss, rel=1e-12)
     assert_grads_close(res["grads"], ref, torch.float64)
 
@@ -301,11 +302,63 @@ def test_failing_stage_is_reported_and_processes_are_reaped():
     model = tiny_model()
     # torch.cdist refuses integer targets: the last stage raises inside its process
     with pytest.raises(RuntimeError, match=r"a stage process failed:[\s\S]*stage 1[\s\S]*cdist"):
-        mb.run_pipeline(model, ragged_batch(), 2, loss_fn=torch.cdist, warmup=0, timeout=60)
+        mb.run_pipeline(model, ragged_batch(), 2, loss_fn=torch.cdist, warmup=0, timeout=300)
     assert multiprocessing.active_children() == []
     with pytest.raises(TimeoutError, match="did not finish within timeout"):
         mb.run_pipeline(model, ragged_batch(), 2, warmup=0, timeout=0.05)
     assert multiprocessing.active_children() == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# measured-pipeline analysis: busy fractions, hand-offs, the ideal step time, the cost/benefit plot
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def fake_runs(Ms=(1, 2, 4), K=2):
+    """Runs as run_pipelines returns them, from GPipe's schedule with a box of 1/M (remat: backward 4/3 longer)."""
+    runs = []
+    for M in Ms:
+        for remat in (False, True):
+            events = [{**e, "start": e["start"] / M, "end": e["end"] / M} for e in
+                      mb.schedule_events(mb.gpipe_schedule(K, M))]
+            runs.append({"n_stages": K, "n_micro": M, "remat": remat, "events": events,
+                         "wall_time": max(e["end"] for e in events), "measured_bubble": mb.measured_bubble(events, K),
+                         "predicted_bubble": mb.bubble_fraction(K, M),
+                         "activation_peak_bytes": [1000 // (M if remat else 1)] * K})
+    return runs
+
+
+@pytest.mark.parametrize("K,M", [(2, 1), (2, 8), (3, 4), (4, 5)])
+def test_busy_fraction_and_ideal_step_time_match_the_bubble_formula(K, M):
+    events = mb.schedule_events(mb.gpipe_schedule(K, M))
+    assert mb.busy_fractions(events, K) == pytest.approx([M / (M + K - 1)] * K)  # every stage: 1 − bubble
+    one = mb.schedule_events(mb.gpipe_schedule(K, 1))  # M = 1: one box of 1 tick per stage and direction
+    ideal = mb.ideal_step_time(one, M, K)
+    assert ideal == pytest.approx(2 * (M + K - 1) / M)  # the M-micro-batch schedule, boxes of 1/M tick
+    assert 1 - 2 * K / (K * ideal) == pytest.approx(mb.bubble_fraction(K, M))
+    # unequal stages: the slowest one sets the pace
+    slow = [{**e, "end": e["start"] + (3 if e["stage"] == 0 else 1)} for e in one]
+    assert mb.ideal_step_time(slow, M, K) == pytest.approx(2 * ((3 + K - 1) / M + (M - 1) * 3 / M))
+
+
+def test_handoff_latencies_measure_only_waiting_receivers():
+    ev = [{"stage": 0, "kind": "F", "micro": 0, "start": 0.0, "end": 1.0},
+          {"stage": 0, "kind": "F", "micro": 1, "start": 1.0, "end": 2.0},
+          {"stage": 1, "kind": "F", "micro": 0, "start": 1.5, "end": 3.0},   # waited 0.5 for stage 0
+          {"stage": 1, "kind": "F", "micro": 1, "start": 3.0, "end": 4.0},   # input ready at 2.0 but busy: no wait
+          {"stage": 1, "kind": "B", "micro": 0, "start": 4.0, "end": 5.0},
+          {"stage": 0, "kind": "B", "micro": 0, "start": 5.25, "end": 6.0}]  # waited 0.25 for stage 1's gradient
+    assert mb.handoff_latencies(ev) == pytest.approx([0.5, 0.25])
+
+
+def test_plot_measured_pipeline_and_one_based_gantt_labels():
+    fig = mb.plot_measured_pipeline(fake_runs(), 2, True)
+    axes = fig.get_axes()
+    assert len(axes) == 4
+    assert [t.get_text() for t in axes[0].get_yticklabels()] == ["stage 1", "stage 2"]
+    assert "M=2, rematerialised" in axes[0].get_title() and "predicted 33%" in axes[0].get_title()
+    labels = {t.get_text() for t in axes[0].texts}
+    assert labels == {"1", "2"}  # micro-batches shown 1-based
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -342,6 +395,12 @@ def test_bad_input():
         mb.run_pipeline(nn.Linear(2, 2), batch, 2)
     with pytest.raises(TypeError, match="each config must be a dict with 'n_micro'"):
         mb.run_pipelines(model, batch, [{"micro": 2}])
+    with pytest.raises(ValueError, match="pick must be 'best' or 'median', got 'mean'"):
+        mb.run_pipelines(model, batch, [{"n_micro": 2}], pick="mean")
+    with pytest.raises(ValueError, match="no measured run for n_micro=3"):
+        mb.plot_measured_pipeline(fake_runs(Ms=(1, 2)), 3)
+    with pytest.raises(TypeError, match="runs must be the non-empty list"):
+        mb.plot_measured_pipeline([], 1)
     with pytest.raises(ValueError, match="timeout must be a positive number"):
         mb.run_pipeline(model, batch, 2, timeout=0)
     with pytest.raises(ValueError, match="layers_per_stage must be 2 positive ints summing to n_layers=2"):

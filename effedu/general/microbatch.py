@@ -41,6 +41,9 @@ This module holds:
 * ``run_pipeline`` / ``run_pipelines``: a real pipeline, one process per stage, ``torch.distributed`` (gloo,
   loopback only) ``send``/``recv`` between stages, with measured per-stage timings and memory. On GPUs the same
   pattern runs with the nccl backend, one device per stage (the receive buffers would then live on that device).
+  Each configuration is repeated in interleaved rounds and the fastest run kept (``pick="best"``);
+* ``measured_bubble``, ``busy_fractions``, ``handoff_latencies`` and ``ideal_step_time`` (what the formula
+  predicts from an M = 1 run) read a measured run; ``plot_measured_pipeline`` draws its cost against its benefit.
 
 ``torch.distributed.pipelining`` (PyTorch's production pipeline) is never used by the code above. It only appears
 in ``run_torch_pipeline``, at the end: the oracle of the tests and the production cell of the notebook.
@@ -350,6 +353,57 @@ def schedule_events(schedule):
     """The schedule as events ``{"stage", "kind", "micro", "start", "end"}`` in ticks (for :func:`plot_gantt`)."""
     return [{"stage": s, "kind": kind, "micro": m, "start": t, "end": t + 1}
             for t, tick in enumerate(schedule) for s, (kind, m) in tick.items()]
+
+
+def busy_fractions(events, n_stages=None):
+    """Per stage: its busy time / the step's span (first start → last end over all stages).
+
+    GPipe predicts M / (M + K − 1) for every stage (1 − the bubble); a stage with more work (the last one holds the
+    LM head and the loss) is busier, and waiting for a hand-off shows up as idle time.
+    """
+    if not events:
+        raise ValueError("busy_fractions: events is empty")
+    K = n_stages if n_stages is not None else 1 + max(e["stage"] for e in events)
+    span = max(e["end"] for e in events) - min(e["start"] for e in events)
+    return [sum(e["end"] - e["start"] for e in events if e["stage"] == s) / span for s in range(K)]
+
+
+def handoff_latencies(events):
+    """Hand-off delays (same unit as the events) on the critical path of a measured pipeline.
+
+    For every action whose stage was idle, waiting for its input (the forward output of the previous stage, or the
+    gradient from the next one): the time from the sender finishing that computation to the receiver starting.
+    It holds the send, the copy through the backend and the wake-up of the waiting process.
+    """
+    done = {(e["stage"], e["kind"], e["micro"]): e for e in events}
+    waits = []
+    for e in events:
+        src = (e["stage"] - 1, "F", e["micro"]) if e["kind"] == "F" else (e["stage"] + 1, "B", e["micro"])
+        prev = [p["end"] for p in events if p["stage"] == e["stage"] and p["end"] <= e["start"]]
+        if src in done and done[src]["end"] >= max(prev, default=float("-inf")):  # the receiver was idle, waiting
+            waits.append(e["start"] - done[src]["end"])
+    return waits
+
+
+def ideal_step_time(events, n_micro, n_stages=None):
+    """The step time GPipe predicts for ``n_micro`` micro-batches from a measured run (usually M = 1).
+
+    Assumes what the bubble formula assumes: a micro-batch costs exactly 1/M of the batch on each stage, and hand-
+    offs are free. With fₛ, bₛ the forward and backward time of one micro-batch on stage s (the measured per-stage
+    totals / M), a wave through K stages ends after Σₛ fₛ + (M − 1)·maxₛ fₛ (the slowest stage sets the pace), then
+    the backward wave takes Σₛ bₛ + (M − 1)·maxₛ bₛ. For equal stages, busy / (K × this) = 1 − (K−1)/(M+K−1).
+    """
+    M = _check_int(n_micro, "n_micro", "ideal_step_time")
+    if not events:
+        raise ValueError("ideal_step_time: events is empty")
+    K = n_stages if n_stages is not None else 1 + max(e["stage"] for e in events)
+    total = {(s, kind): 0.0 for s in range(K) for kind in "FB"}
+    for e in events:
+        total[(e["stage"], e["kind"])] += e["end"] - e["start"]
+    f = [total[(s, "F")] / M for s in range(K)]
+    b = [total[(s, "B")] / M for s in range(K)]
+    # makespan = Σ fₛ + (M − 1) max fₛ  +  Σ bₛ + (M − 1) max bₛ
+    return sum(f) + (M - 1) * max(f) + sum(b) + (M - 1) * max(b)
 
 
 def measured_bubble(events, n_stages=None):
@@ -761,14 +815,17 @@ def _launch(worker, where, n_stages, spec, timeout):
 
 
 def run_pipelines(model, batch, configs, *, n_stages=2, layers_per_stage=None, loss_fn=token_cross_entropy,
-                  weight_by="scored", allow_uneven=True, warmup=1, repeats=1, threads=1, timeout=120.0):
+                  weight_by="scored", allow_uneven=True, warmup=1, repeats=1, pick="best", threads=1, timeout=120.0):
     """Several pipeline runs in *one* launch of ``n_stages`` processes (spawning costs seconds; do it once).
 
     ``configs``: a list of dicts ``{"n_micro": M, "remat": bool, "schedule": None | a schedule}`` (remat and
     schedule optional; the default schedule is GPipe). First every config runs ``warmup`` times and those runs are
     dropped (first-run allocations and lazy initialisation would otherwise show up in the timings). Then the
-    configs run in turn ``repeats`` times; for each config the run with the median step time is reported (the
-    course times medians). Returns one result per config, as :func:`run_pipeline` describes.
+    configs run in turn ``repeats`` times (interleaved: a burst of load from other programs hits every config, not
+    one); for each config the run with the shortest step time is reported (``pick="best"``: other programs only
+    ever *add* time, to the boxes and to the hand-offs, so the fastest run is the one closest to the pipeline
+    itself), or the one with the median step time (``pick="median"``). Returns one result per config, as
+    :func:`run_pipeline` describes, with ``step_times`` (all repeats, in seconds) added.
     """
     where = "run_pipelines"
     K = _check_int(n_stages, "n_stages", where)
@@ -780,6 +837,8 @@ def run_pipelines(model, batch, configs, *, n_stages=2, layers_per_stage=None, l
     _check_int(warmup, "warmup", where, minimum=0)
     _check_int(repeats, "repeats", where)
     _check_int(threads, "threads", where)
+    if pick not in ("best", "median"):
+        raise ValueError(f"{where}: pick must be 'best' or 'median', got {pick!r}")
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise ValueError(f"{where}: timeout must be a positive number of seconds, got {timeout!r}")
     if not callable(loss_fn):
@@ -811,7 +870,8 @@ def run_pipelines(model, batch, configs, *, n_stages=2, layers_per_stage=None, l
             first = events[0]["start"]
             events = [{**e, "start": e["start"] - first, "end": e["end"] - first} for e in events]
             candidates.append((max(e["end"] for e in events), rep, per_rank, events))
-        _, _, per_rank, events = sorted(candidates, key=lambda c: c[:2])[(repeats - 1) // 2]  # the median run
+        ranked = sorted(candidates, key=lambda c: c[:2])
+        _, _, per_rank, events = ranked[0 if pick == "best" else (repeats - 1) // 2]  # the fastest / the median run
         grads = {}
         for r in per_rank:
             grads.update(r["grads"])
@@ -827,6 +887,7 @@ def run_pipelines(model, batch, configs, *, n_stages=2, layers_per_stage=None, l
             "wall_time": max(e["end"] for e in events) - min(e["start"] for e in events),
             "measured_bubble": measured_bubble(events, K),
             "predicted_bubble": bubble_fraction(K, run["n_micro"]),
+            "step_times": [c[0] for c in candidates],
         })
     return out
 
@@ -891,8 +952,10 @@ def plot_gantt(events, *, n_stages=None, unit="tick", title="Pipeline schedule",
         start, end = e["start"] * scale, e["end"] * scale
         ax.barh(e["stage"], end - start, left=start, height=0.8, color=_KIND_COLOUR[e["kind"]], edgecolor="white", lw=0.8)
         if label_micro:
-            ax.text((start + end) / 2, e["stage"], str(e["micro"]), ha="center", va="center", color="white", fontsize=8)
-    ax.set_yticks(range(K), labels=[f"stage {s}" for s in range(K)])
+            # displayed 1-based (stage 1..K, micro-batch 1..M); the API counts from 0
+            ax.text((start + end) / 2, e["stage"], str(e["micro"] + 1), ha="center", va="center", color="white",
+                    fontsize=8)
+    ax.set_yticks(range(K), labels=[f"stage {s + 1}" for s in range(K)])
     ax.set_ylim(K - 0.5, -0.5)
     ax.set_xlim(t0, t1)
     ax.set_xlabel("time (ticks: one forward or backward of one micro-batch)" if unit == "tick" else "time (ms)")
@@ -928,6 +991,76 @@ def plot_gpipe(n_stages=4, n_micro=8):
     right.set_ylim(0, 100)
     right.grid(alpha=0.3)
     right.legend(fontsize=8)
+    return fig
+
+
+def plot_measured_pipeline(runs, n_micro=None, remat=False):
+    """Cost vs benefit of micro-batching, *measured*: the Gantt chart of one run and the table it belongs to.
+
+    ``runs``: the list :func:`run_pipelines` returns (several M, with and without ``remat``). Top: the measured
+    Gantt chart of ``(n_micro, remat)``. Bottom, against M, the chosen M circled: the measured bubble next to
+    (K−1)/(M+K−1); the measured step time next to the ideal one (:func:`ideal_step_time` from the M = 1 run: what
+    the formula promises); the activation memory each stage holds for backward (the benefit of rematerialisation,
+    counted in bytes).
+    """
+    from ..viz import _new_figure
+
+    where = "plot_measured_pipeline"
+    if not isinstance(runs, (list, tuple)) or not runs or not all(isinstance(r, dict) and "events" in r for r in runs):
+        raise TypeError(f"{where}: runs must be the non-empty list that run_pipelines returns")
+    table = {(r["n_micro"], r["remat"]): r for r in runs}
+    K = runs[0]["n_stages"]
+    Ms = sorted({M for M, _ in table})
+    if n_micro is None:
+        n_micro = Ms[len(Ms) // 2]
+    if (n_micro, remat) not in table:
+        raise ValueError(f"{where}: no measured run for n_micro={n_micro}, remat={remat}; measured: "
+                         f"{sorted(table)}")
+    r = table[(n_micro, remat)]
+    fig = _new_figure(13, 7.6)
+    grid = fig.add_gridspec(2, 3, height_ratios=[1, 1.25])
+    gantt = fig.add_subplot(grid[0, :])
+    ax_b, ax_t, ax_m = (fig.add_subplot(grid[1, i]) for i in range(3))
+    ideal = ideal_step_time(table[(1, remat)]["events"], n_micro, K) if (1, remat) in table else None
+    busy = busy_fractions(r["events"], K)
+    plot_gantt(r["events"], n_stages=K, unit="ms", ax=gantt,
+               title=(f"Measured, {K} processes, M={n_micro}, {'rematerialised' if remat else 'plain'}: step "
+                      f"{r['wall_time'] * 1e3:.0f} ms" + (f" (ideal {ideal * 1e3:.0f} ms)" if ideal else "")
+                      + f", bubble {r['measured_bubble']:.0%} (predicted {r['predicted_bubble']:.0%}), busy "
+                      + ", ".join(f"stage {s + 1} {b:.0%}" for s, b in enumerate(busy))))
+    ms_curve = list(range(1, max(Ms) + 1))
+    ax_b.plot(ms_curve, [100 * bubble_fraction(K, m) for m in ms_curve], color="C3", label="predicted (K−1)/(M+K−1)")
+    for variant, style, name in ((False, "-", "plain"), (True, "--", "remat")):
+        ms = [m for m in Ms if (m, variant) in table]
+        if not ms:
+            continue
+        rows = [table[(m, variant)] for m in ms]
+        ax_b.plot(ms, [100 * x["measured_bubble"] for x in rows], style, marker="o", color="black",
+                  label=f"measured, {name}")
+        ax_t.plot(ms, [1e3 * x["wall_time"] for x in rows], style, marker="o", color="black", label=f"measured, {name}")
+        if (1, variant) in table:
+            ax_t.plot(ms, [1e3 * ideal_step_time(table[(1, variant)]["events"], m, K) for m in ms], style,
+                      color="C3", label=f"ideal from M=1, {name}")
+        for s in range(K):
+            ax_m.plot(ms, [x["activation_peak_bytes"][s] / 2**20 for x in rows], style, marker="o", color=f"C{s}",
+                      label=f"stage {s + 1}, {name}")
+    here = [(ax_b, 100 * r["measured_bubble"]), (ax_t, 1e3 * r["wall_time"])]
+    here += [(ax_m, b / 2**20) for b in r["activation_peak_bytes"]]
+    for ax, y in here:
+        ax.plot([n_micro], [y], "o", ms=13, mfc="none", mec="C2", mew=2)
+    for ax, ylabel, title in ((ax_b, "bubble (% of step idle)", "Benefit: the bubble shrinks"),
+                              (ax_t, "step time (ms)", "Cost: time per step"),
+                              (ax_m, "held for backward (MiB)", "Memory per stage (peak)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(Ms, labels=[str(m) for m in Ms])
+        ax.minorticks_off()
+        ax.set_xlabel("micro-batches M")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    ax_b.set_ylim(0, 100)
     return fig
 
 
@@ -1073,7 +1206,7 @@ __all__ = [
     "token_cross_entropy", "micro_sizes", "split_batch", "micro_weights", "full_batch_gradients",
     "accumulate_gradients", "accumulation_step",
     "gpipe_schedule", "check_schedule", "stage_actions", "idle_fraction", "bubble_fraction", "schedule_events",
-    "measured_bubble",
+    "measured_bubble", "busy_fractions", "handoff_latencies", "ideal_step_time",
     "TransformerStage", "split_transformer", "simulate_pipeline", "run_pipelines", "run_pipeline",
-    "plot_gantt", "plot_gpipe", "run_torch_pipeline", "bench_pipeline", "BENCHMARKS",
+    "plot_gantt", "plot_gpipe", "plot_measured_pipeline", "run_torch_pipeline", "bench_pipeline", "BENCHMARKS",
 ]
