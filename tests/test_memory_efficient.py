@@ -9,8 +9,10 @@ from _oracles import TOL, qkv
 from effedu import kernels
 from effedu.attention import get
 from effedu.attention.dense import softmax_attention
-from effedu.attention.memory_efficient import (fast_memory_bytes, fwd_bwd, online_softmax_trace,
-                                               saved_for_backward_bytes, traffic_bytes)
+from effedu.attention.memory_efficient import (H200_SHARED_MEMORY_BYTES, TILE_PRODUCTS, count_matmuls,
+                                               fast_memory_bytes, fwd_bwd, largest_block_that_fits,
+                                               online_softmax_trace, saved_for_backward_bytes, tile_products,
+                                               traffic_bytes)
 from effedu.kernels import tiled_attention as ta
 from effedu.measure import peak_memory, saved_activation_bytes, tensor_bytes
 
@@ -177,6 +179,35 @@ def test_traffic_model_formulas_and_trends():
     assert fast_memory_bytes(128, 64, backward=True) > fast_memory_bytes(128, 64)
 
 
+def test_fast_memory_in_16_bit_and_the_largest_block_that_fits():
+    assert fast_memory_bytes(128, 64, itemsize=2, backward=True) == (6 * 128 * 64 + 2 * 128 * 128 + 256) * 2
+    # 16-bit tiles (as FlashAttention runs): b = 128 fits an H200 SM's 228 KiB in the backward, b = 256 does not
+    assert largest_block_that_fits(64, H200_SHARED_MEMORY_BYTES, itemsize=2) == 128
+    assert largest_block_that_fits(64, H200_SHARED_MEMORY_BYTES, itemsize=4) == 64  # float32: half the tile
+    assert largest_block_that_fits(64, 1024) is None
+    assert largest_block_that_fits(64, 10**9, blocks=(8, 32)) == 32
+
+
+def test_tile_product_counts_and_the_torch_backend_does_them():
+    assert TILE_PRODUCTS == {"forward": 2, "textbook": 4, "one_sweep": 5, "two_sweeps": 7}
+    assert tile_products(backward=False) == 2 and tile_products() == 7 and tile_products("one_sweep") == 5
+    assert tile_products("textbook") == 4
+    q, k, v, dout = (torch.randn(1, 2, n, 8, dtype=torch.float64) for n in (19, 45, 45, 19))
+    for block in (8, 16, 45):
+        tiles = math.ceil(45 / block)
+        _, fwd = count_matmuls(kernels.attention, q, k, v, backend="torch", block_size=block)
+        assert fwd == tiles * tile_products(backward=False)
+        # the torch backward is one sweep over key tiles (vectorised over all queries): S recomputed once
+        _, both = count_matmuls(fwd_bwd, lambda a, b, c: kernels.attention(a, b, c, backend="torch", block_size=block),
+                                q, k, v, dout)
+        assert both == tiles * (tile_products(backward=False) + tile_products("one_sweep"))
+    # the textbook path: 2 forward products, 4 backward ones (P stored, never recomputed)
+    _, dense = count_matmuls(fwd_bwd, softmax_attention, q, k, v, dout)
+    assert dense == TILE_PRODUCTS["forward"] + TILE_PRODUCTS["textbook"]
+    _, numba = count_matmuls(fwd_bwd, lambda a, b, c: kernels.attention(a, b, c, backend="numba"), q, k, v, dout)
+    assert numba == 0  # numba's products are invisible to torch
+
+
 def test_numba_workspace_is_independent_of_sequence_length():
     for bwd in (False, True):
         a = ta.numba_workspace_bytes(1024, 1024, 64, 64, block_size=128, n_threads=2, backward=bwd)
@@ -190,6 +221,10 @@ def test_numba_workspace_is_independent_of_sequence_length():
     (lambda: traffic_bytes(64, 64, block_size=8, method="flash"), ValueError, "method must be 'tiled' or 'standard'"),
     (lambda: fast_memory_bytes(0, 64), ValueError, "block_size must be a positive int"),
     (lambda: saved_for_backward_bytes(1, 1, 8, 8, method="x"), ValueError, "method must be"),
+    (lambda: tile_products("flash"), ValueError, "method must be 'textbook'"),
+    (lambda: tile_products(backward=1), TypeError, "backward must be a bool"),
+    (lambda: count_matmuls(3), TypeError, "fn must be callable"),
+    (lambda: largest_block_that_fits(64, 0), ValueError, "fast_bytes must be a positive int"),
     (lambda: online_softmax_trace(torch.zeros(2, 2), 2), ValueError, "non-empty 1-D tensor"),
     (lambda: online_softmax_trace(torch.zeros(3), 0), ValueError, "block_size must be a positive int"),
 ])

@@ -9,7 +9,8 @@ ever storing the n×n matrix of scores, in the forward *or* the backward pass:
   thing saved for backward, besides q, k, v and the output, is the per-row log-sum-exp ``lse = m + log l``.
 * **Backward**: recompute each tile of weights from the saved lse, ``p_ij = exp(s_ij − lse_i)``, and use the
   softmax-backward identity ``dS_ij = p_ij (dP_ij − δ_i)`` with ``δ_i = dout_i · out_i``. More arithmetic
-  (the weights are computed twice), far less memory: O(n·d) instead of O(n²).
+  (the weights are computed again: 5 tile products per tile pair in one sweep, 7 in FlashAttention-2's two
+  sweeps, against the textbook backward's 4 — :data:`TILE_PRODUCTS`), far less memory: O(n·d) instead of O(n²).
 
 On a GPU the win is also *time*: the n×n matrix never travels between the large slow memory (HBM) and the small
 fast one (SRAM), and at these sizes attention is bound by that traffic, not by FLOPs. :func:`traffic_bytes` is
@@ -25,6 +26,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .._checks import check_positive_int
 from . import register
@@ -94,6 +96,8 @@ def fast_memory_bytes(block_size, d, *, itemsize=4, backward=False):
 
     Forward: a Q tile, a K and a V tile, the b×b score tile and the output accumulator (+ 2 row vectors).
     Backward (key sweep): a K, V, dK, dV tile, a Q and dO tile, the score and dP tiles (+ 2 row vectors).
+    ``itemsize``: bytes per element — 2 for the float16/bfloat16 tiles FlashAttention runs on (its float32
+    accumulators live in registers, which this model leaves out), 4 for float32.
     """
     check_positive_int(block_size, "block_size", "fast_memory_bytes")
     check_positive_int(d, "d", "fast_memory_bytes")
@@ -112,6 +116,61 @@ def saved_for_backward_bytes(B, H, n, d, *, method="tiled", itemsize=4):
     return B * H * per_head * itemsize
 
 
+# Tile products: the b×b×d matrix products done per (query tile, key tile) pair, attention's unit of arithmetic.
+#   forward                     S = Q Kᵀ, O += P V                                                              2
+#   backward, textbook          P was stored: dV = Pᵀ dO, dP = dO Vᵀ, dQ = dS K, dK = dSᵀ Q                      4
+#   backward, one sweep         recompute S = Q Kᵀ, then the four above (``attention_backward_torch``)           5
+#   backward, two sweeps (FA-2) key sweep: S, dV, dP, dK; query sweep: S, dP, dQ (the numba and CUDA kernels)   7
+TILE_PRODUCTS = {"forward": 2, "textbook": 4, "one_sweep": 5, "two_sweeps": 7}
+
+# fast memory of the GPUs the chapter names: shared memory (SRAM) per streaming multiprocessor
+H200_SHARED_MEMORY_BYTES = 228 * 2**10
+
+
+def tile_products(method="two_sweeps", *, backward=True):
+    """Tile products per (query tile, key tile) pair: ``backward=False`` → the forward's 2; otherwise the backward's
+    for ``method`` ``"textbook"`` (4, P stored), ``"one_sweep"`` (5, S recomputed once: the torch backend) or
+    ``"two_sweeps"`` (7, S recomputed in each sweep: FlashAttention-2, the numba and CUDA backends)."""
+    if method not in ("textbook", "one_sweep", "two_sweeps"):
+        raise ValueError(f"tile_products: method must be 'textbook', 'one_sweep' or 'two_sweeps', got {method!r}")
+    if not isinstance(backward, bool):
+        raise TypeError(f"tile_products: backward must be a bool, got {type(backward).__name__}")
+    return TILE_PRODUCTS[method] if backward else TILE_PRODUCTS["forward"]
+
+
+class _CountMatmuls(TorchDispatchMode):
+    # a dispatch mode sees every aten op, the backward's included (a torch-function mode misses autograd's calls)
+    _PRODUCTS = ("aten.mm", "aten.bmm", "aten.addmm", "aten.baddbmm")
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func.overloadpacket) in self._PRODUCTS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_matmuls(fn, *args, **kwargs):
+    """Run ``fn(*args, **kwargs)`` and count the matrix products torch executes for it (aten ``mm``/``bmm``/
+    ``addmm``/``baddbmm``), its backward passes included. Returns ``(result, count)``. Sees torch ops only: the
+    numba kernels' products count 0."""
+    if not callable(fn):
+        raise TypeError(f"count_matmuls: fn must be callable, got {type(fn).__name__}")
+    with _CountMatmuls() as mode:
+        result = fn(*args, **kwargs)
+    return result, mode.count
+
+
+def largest_block_that_fits(d, fast_bytes, *, itemsize=2, backward=True, blocks=(16, 32, 64, 128, 256, 512, 1024)):
+    """The largest block size in ``blocks`` whose working set (:func:`fast_memory_bytes`) fits in ``fast_bytes``
+    of fast memory, or ``None`` if none does."""
+    check_positive_int(fast_bytes, "fast_bytes", "largest_block_that_fits")
+    fits = [b for b in blocks if fast_memory_bytes(b, d, itemsize=itemsize, backward=backward) <= fast_bytes]
+    return max(fits) if fits else None
+
+
 def fwd_bwd(fn, q, k, v, dout):
     """One forward + backward through ``fn(q, k, v)``: returns ``(out, (dq, dk, dv))`` (inputs need no grad)."""
     q, k, v = (x.detach().requires_grad_(True) for x in (q, k, v))
@@ -121,4 +180,5 @@ def fwd_bwd(fn, q, k, v, dout):
 
 
 __all__ = ["memory_efficient_attention", "online_softmax_trace", "traffic_bytes", "fast_memory_bytes",
-           "saved_for_backward_bytes", "fwd_bwd"]
+           "saved_for_backward_bytes", "fwd_bwd", "TILE_PRODUCTS", "H200_SHARED_MEMORY_BYTES", "tile_products",
+           "count_matmuls", "largest_block_that_fits"]
