@@ -138,6 +138,19 @@ def test_density():
 # ------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("n, s", [(64, 8), (256, 16), (96, 12)])
+def test_keys_per_query_follow_the_docstring_formulas(n, s):
+    # strided, bidirectional: an interior query sees (2s − 1) + (n/s − 1) ≈ 3√n keys; causally s + ⌊i/s⌋
+    strided = sp.strided_mask(n, s)
+    interior = strided[s - 1 : n - s + 1].sum(1)
+    assert (interior == (2 * s - 1) + (n // s - 1)).all()
+    causal = strided & torch.ones(n, n, dtype=torch.bool).tril()
+    assert [int(x) for x in causal.sum(1)] == [min(i + 1, s) + i // s for i in range(n)]
+    # fixed: its own block of s + c summary columns in each of the other n/s − 1 blocks
+    for c in (1, 2):
+        assert (sp.fixed_mask(n, s, summary=c).sum(1) == s + c * (n // s - 1)).all()
+
+
 def test_local_window_needs_distance_over_half_window_hops():
     T, w = 40, 7  # reach 3 per layer
     m = sp.local_mask(T, w)

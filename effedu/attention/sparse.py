@@ -12,9 +12,11 @@ it is), the form a kernel can exploit (``effedu.kernels.block_sparse_attention``
 * ``local`` — a sliding window of w tokens centred on the query: |i − j| ≤ ⌊w/2⌋ (Longformer's convention: w is
   the window's total width). O(n·w).
 * ``strided`` — Sparse Transformer (Child et al. 2019), stride s ≈ √n: i sees j if |i − j| < s (the local part)
-  or (i − j) mod s = 0 (the strided part). Any two positions are two hops apart. O(n√n).
+  or (i − j) mod s = 0 (the strided part). Any two positions are two hops apart. O(n√n): an interior query sees
+  (2s − 1) + (n/s − 1) ≈ 3√n keys in this bidirectional form (s | n); causally, query i sees s + ⌊i/s⌋ ≤ ≈ 2√n.
 * ``fixed`` — Sparse Transformer's other factorisation: i sees j if they lie in the same block of s positions
-  (⌊i/s⌋ = ⌊j/s⌋) or j is one of the c "summary" positions at the end of every block (j mod s ≥ s − c).
+  (⌊i/s⌋ = ⌊j/s⌋) or j is one of the c "summary" positions at the end of every block (j mod s ≥ s − c):
+  s + c(n/s − 1) keys per query (s | n), ≈ 2√n for c = 1.
 * ``longformer`` — Beltagy et al. (2020): a window of w (optionally *dilated*: every d-th token, reaching d times
   further for the same cost) plus **global tokens** that attend to and from every position. Between any two
   positions the longest path is then 2 (through a global token). O(n·w).
