@@ -530,3 +530,81 @@ def test_bench_table_states_its_target():
     table = LR.bench_lowrank(argparse.Namespace(threads=1, quick=True, ns=[128]))
     assert re.search(r"target .*lightest.* at n=128: Linformer peak memory [\d.]+× SDPA's", table)
     assert re.search(r"^\s+128 \|", table, re.M)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the truncated pseudo-inverse (a cut-off chosen by the caller, unlike torch.linalg.pinv's default)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rtol", [0.0, 1e-12, 1e-6, 1e-3, 1e-2, 0.3])
+@pytest.mark.parametrize("shape", [(6, 6), (2, 3, 8, 5), (5, 9)])
+def test_truncated_pinv_equals_torch_pinv_with_the_same_rtol(rtol, shape):
+    g = torch.Generator().manual_seed(1)
+    *batch, m, n = shape
+    r = min(m, n) - 2  # numerically rank-deficient: rank r plus 1e-9 noise, and spread singular values
+    A = torch.randn(*batch, m, r, generator=g, dtype=torch.float64) @ torch.randn(*batch, r, n, generator=g,
+                                                                                 dtype=torch.float64)
+    A = A + 1e-9 * torch.randn(*batch, m, n, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(LR.truncated_pinv(A, rtol), torch.linalg.pinv(A, rtol=rtol), atol=1e-8, rtol=1e-8)
+
+
+def test_truncated_pinv_is_the_inverse_of_a_well_conditioned_matrix_and_cuts_a_singular_one():
+    g = torch.Generator().manual_seed(2)
+    A = torch.eye(8, dtype=torch.float64) * 3 + 0.3 * torch.randn(2, 8, 8, generator=g, dtype=torch.float64)
+    assert float(torch.linalg.cond(A).max()) < 10
+    for rtol in (0.0, 1e-6, 1e-2):  # σ_min/σ₁ > 0.1: nothing is cut
+        torch.testing.assert_close(LR.truncated_pinv(A, rtol), torch.linalg.inv(A), atol=1e-12, rtol=1e-10)
+    # float32 too
+    torch.testing.assert_close(LR.truncated_pinv(A.float(), 1e-3), torch.linalg.inv(A.float()), atol=1e-5, rtol=1e-5)
+    # a cut-off between σ's: the result is the pseudo-inverse of the truncated SVD (rank r), with r singular values
+    D = torch.diag(torch.tensor([4.0, 2.0, 1e-3, 1e-9], dtype=torch.float64))
+    Q = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))[0]
+    A = Q @ D @ Q.T
+    Z = LR.truncated_pinv(A, 1e-2)
+    torch.testing.assert_close(Z, Q @ torch.diag(torch.tensor([0.25, 0.5, 0, 0], dtype=torch.float64)) @ Q.T)
+    assert int(torch.linalg.matrix_rank(Z)) == 2
+    # the default cut-off of torch.linalg.pinv keeps 1e-9: an entry of ~1e9
+    assert float(torch.linalg.pinv(A).abs().max()) > 1e8 > float(Z.abs().max()) * 1e6
+
+
+def test_nystrom_truncated_pinv_option_and_its_checks():
+    q, k, v = qkv(B=1, H=2, T=24, D=8, dtype=torch.float64, scale=2.0)
+    f, a, b = LR._nystrom_parts(q, k, 6, 8 ** -0.5, "t")
+    for rtol in (1e-8, 1e-2):
+        want = f @ torch.linalg.pinv(a, rtol=rtol) @ b
+        got = LR.nystrom_attention_matrix(q, k, landmarks=6, pinv="truncated", pinv_rtol=rtol)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(LR.nystrom_attention(q, k, v, landmarks=6, pinv="truncated", pinv_rtol=rtol),
+                                   want @ v)
+        torch.testing.assert_close(LR.nystrom_reference(q, k, v, landmarks=6, pinv="truncated", pinv_rtol=rtol),
+                                   want @ v)
+    # m = T and a tiny rtol: exact softmax attention, as with the exact pinv (random q, k: well-conditioned Ã)
+    torch.testing.assert_close(LR.nystrom_attention(q, k, v, landmarks=24, pinv="truncated", pinv_rtol=1e-12),
+                               F.scaled_dot_product_attention(q, k, v), atol=1e-9, rtol=1e-8)
+    # gradients flow through the SVD
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    LR.nystrom_attention(qg, kg, vg, landmarks=6, pinv="truncated").sum().backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in (qg, kg, vg))
+    for bad in (-0.1, 1.0, "1e-3", True, None):
+        with pytest.raises(ValueError, match="rtol must be a number in"):
+            LR.truncated_pinv(torch.eye(3), bad)
+    with pytest.raises(TypeError, match="A must be a torch.Tensor"):
+        LR.truncated_pinv([[1.0]])
+    assert "truncated" in LR.PINV_METHODS
+
+
+def test_truncated_pinv_removes_the_exact_pinv_artefact_on_a_numerically_singular_landmark_matrix():
+    # random-walk queries/keys: Ã is ill-conditioned (cond ~1e5–1e6) and F̃, B̃ are not exactly its rows/columns;
+    # torch.linalg.pinv's default cut-off inverts the tiny σ's and the implied matrix blows up (error ≫ 1), a cut-off
+    # at 1e-2 keeps it near A (the notebook's §3 finding)
+    g = torch.Generator().manual_seed(0)
+    T_, D_ = 48, 16
+    x = torch.randn(2, 1, 2, T_, D_, generator=g, dtype=torch.float64).cumsum(-2) * 0.6
+    q, k = x[0], x[1]
+    A = LR.softmax_attention_matrix(q, k)
+    exact = LR.approximation_error(LR.nystrom_attention_matrix(q, k, landmarks=24, pinv="exact"), A)
+    trunc = LR.approximation_error(LR.nystrom_attention_matrix(q, k, landmarks=24, pinv="truncated",
+                                                               pinv_rtol=1e-2), A)
+    assert (exact > 10 * trunc).all() and (exact > 1).all()
+    assert (trunc < 0.5).all()

@@ -22,7 +22,8 @@ The n×n attention matrix A = softmax(Q Kᵀ / √d) costs O(n²) time and memor
       A ≈ F̃ Ã⁺ B̃,   F̃ = softmax(Q K̃ᵀ/√d) (n×m),  Ã = softmax(Q̃ K̃ᵀ/√d) (m×m),  B̃ = softmax(Q̃ Kᵀ/√d) (m×n)
 
   and out = F̃ (Ã⁺ (B̃ V)) in O(n m d). Ã⁺ is the Moore–Penrose pseudo-inverse: exactly (``torch.linalg.pinv``,
-  through an SVD: the reference) or with the iteration of Razavi et al. (2014) the paper uses, only matrix
+  through an SVD: the reference), truncated (an SVD that drops the singular values below rtol·σ₁: a regularised
+  inverse for a numerically singular Ã) or with the iteration of Razavi et al. (2014) the paper uses, only matrix
   products (GPU-friendly)::
 
       Z₀ = Ãᵀ / (‖Ã‖₁ ‖Ã‖∞),   Z_{j+1} = ¼ Z_j (13 I − Ã Z_j (15 I − Ã Z_j (7 I − Ã Z_j)))
@@ -58,7 +59,8 @@ from .._checks import FLOAT_DTYPES, check_mask, check_positive_int, check_qkv, c
 from . import register
 from .dense import allowed_mask, masked_softmax, softmax_attention
 
-PINV_METHODS = ("iterative", "exact")
+PINV_METHODS = ("iterative", "exact", "truncated")
+DEFAULT_PINV_RTOL = 1e-2  # truncated pinv: σ_i ≤ 1 % of σ₁ counts as 0 (chapter 17, §3, compares)
 
 # --------------------------------------------------------------------------------------------------------------
 # small shared pieces
@@ -512,12 +514,41 @@ def _nystrom_parts(q, k, landmarks, scale, where):
     return f, a, b
 
 
-def _pinv(a, pinv, pinv_iters, where):
+def truncated_pinv(A, rtol=DEFAULT_PINV_RTOL):
+    """Truncated-SVD pseudo-inverse of ``A (…, m, n)``: invert only the singular values above ``rtol · σ₁``.
+
+        A = U Σ Vᵀ,   A⁺_rtol = V Σ⁺ Uᵀ,   Σ⁺_ii = 1/σ_i if σ_i > rtol·σ₁ else 0
+
+    This is ``torch.linalg.pinv(A, rtol=rtol)`` written out (the test compares the two). ``torch.linalg.pinv``'s
+    *default* cut-off is rtol = max(m, n)·eps (≈ 1e-14 in float64): on a numerically singular or ill-conditioned Ã
+    — e.g. the landmark matrix of a trained model — it inverts singular values that are round-off and returns huge
+    entries that amplify every mismatch between F̃, B̃ and Ã. A larger rtol is a *regularised*
+    inverse (the rank-r truncated SVD, r = number of σ_i kept), what the paper's few iterations do implicitly.
+    On a well-conditioned A (σ_min > rtol·σ₁) nothing is cut and the result is the inverse itself. (Gradients
+    flow through ``torch.linalg.svd``; they are not defined where two kept singular values coincide.)
+    """
+    where = "truncated_pinv"
+    _check_matrix(A, "A", where)
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 <= rtol < 1:
+        raise ValueError(f"{where}: rtol must be a number in [0, 1) (the share of σ₁ below which a singular value "
+                         f"counts as 0), got {rtol!r}")
+    U, s, Vh = torch.linalg.svd(A, full_matrices=False)
+    # keep σ_i > rtol · σ₁ (σ₁ = s[..., 0], the largest)                                         (…, r)
+    keep = s > rtol * s[..., :1]
+    s_inv = torch.where(keep, 1 / torch.where(keep, s, torch.ones_like(s)), torch.zeros_like(s))
+    # A⁺ = V Σ⁺ Uᵀ                                                                               (…, n, m)
+    return (Vh.transpose(-2, -1) * s_inv[..., None, :]) @ U.transpose(-2, -1)
+
+
+def _pinv(a, pinv, pinv_iters, where, rtol=DEFAULT_PINV_RTOL):
     if pinv not in PINV_METHODS:
         raise ValueError(f"{where}: pinv must be one of {', '.join(map(repr, PINV_METHODS))}, got {pinv!r}")
     if pinv == "exact":
         # the reference: A⁺ through an SVD (singular values below max(m,n)·eps·σ₁ treated as 0)
         return torch.linalg.pinv(a)
+    if pinv == "truncated":
+        # A⁺ through an SVD, singular values below rtol·σ₁ treated as 0
+        return truncated_pinv(a, rtol)
     return iterative_pinv(a, pinv_iters)
 
 
@@ -527,14 +558,16 @@ def _default_landmarks(landmarks, T, S):
 
 
 @register("nystrom")
-def nystrom_attention(q, k, v, *, landmarks=None, pinv="iterative", pinv_iters=6, causal=False, mask=None,
-                      scale=None, return_weights=False):
+def nystrom_attention(q, k, v, *, landmarks=None, pinv="iterative", pinv_iters=6, pinv_rtol=DEFAULT_PINV_RTOL,
+                      causal=False, mask=None, scale=None, return_weights=False):
     """Nyström attention F̃ (Ã⁺ (B̃ V)) — O(T·m·D) — on ``(B, H, T, D)`` tensors (registered as ``"nystrom"``).
 
     ``landmarks`` m in [1, min(T, S)] (default min(64, T, S)); T need not be a multiple of m (uneven segments,
     see :func:`segment_means`). ``pinv="iterative"`` (``pinv_iters`` steps of :func:`iterative_pinv`, the paper's 6
-    by default) or ``"exact"`` (``torch.linalg.pinv``). ``return_weights=True`` also returns the implied
-    ``(B, H, T, S)`` matrix F̃ Ã⁺ B̃ (O(T·S) memory: for inspection). ``causal``/``mask`` raise ``ValueError``.
+    by default), ``"exact"`` (``torch.linalg.pinv`` with its default cut-off) or ``"truncated"``
+    (:func:`truncated_pinv`: singular values below ``pinv_rtol · σ₁`` dropped). ``return_weights=True`` also
+    returns the implied ``(B, H, T, S)`` matrix F̃ Ã⁺ B̃ (O(T·S) memory: for inspection). ``causal``/``mask``
+    raise ``ValueError``.
     """
     where = "nystrom_attention"
     B, H, T, S, D, _ = check_qkv(q, k, v, where=where)
@@ -544,7 +577,7 @@ def nystrom_attention(q, k, v, *, landmarks=None, pinv="iterative", pinv_iters=6
              "column to act on", where)
     _check_bool(return_weights, "return_weights", where)
     f, a, b = _nystrom_parts(q, k, _default_landmarks(landmarks, T, S), scale, where)
-    a_pinv = _pinv(a, pinv, pinv_iters, where)
+    a_pinv = _pinv(a, pinv, pinv_iters, where, pinv_rtol)
     # out = F̃ (Ã⁺ (B̃ V)) — right to left, never a T×S matrix                                  (B, H, T, Dv)
     out = f @ (a_pinv @ (b @ v))
     if return_weights:
@@ -552,19 +585,22 @@ def nystrom_attention(q, k, v, *, landmarks=None, pinv="iterative", pinv_iters=6
     return out
 
 
-def nystrom_attention_matrix(q, k, *, landmarks=None, pinv="iterative", pinv_iters=6, scale=None):
+def nystrom_attention_matrix(q, k, *, landmarks=None, pinv="iterative", pinv_iters=6, pinv_rtol=DEFAULT_PINV_RTOL,
+                             scale=None):
     """The ``(B, H, T, S)`` matrix Nyström attention applies to V: F̃ Ã⁺ B̃, rank ≤ m."""
     where = "nystrom_attention_matrix"
     B, H, T, S, D, _ = check_qkv(q, k, k, where=where)
     scale = check_scale(scale, D, where)
     f, a, b = _nystrom_parts(q, k, _default_landmarks(landmarks, T, S), scale, where)
     # Â = F̃ Ã⁺ B̃
-    return f @ _pinv(a, pinv, pinv_iters, where) @ b
+    return f @ _pinv(a, pinv, pinv_iters, where, pinv_rtol) @ b
 
 
-def nystrom_reference(q, k, v, *, landmarks=None, pinv="exact", pinv_iters=6, scale=None):
+def nystrom_reference(q, k, v, *, landmarks=None, pinv="exact", pinv_iters=6, pinv_rtol=DEFAULT_PINV_RTOL,
+                      scale=None):
     """The plain O(T·S) form: (F̃ Ã⁺ B̃) V through the full matrix, next to the efficient right-to-left product."""
-    return nystrom_attention_matrix(q, k, landmarks=landmarks, pinv=pinv, pinv_iters=pinv_iters, scale=scale) @ v
+    return nystrom_attention_matrix(q, k, landmarks=landmarks, pinv=pinv, pinv_iters=pinv_iters, pinv_rtol=pinv_rtol,
+                                    scale=scale) @ v
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -875,7 +911,8 @@ __all__ = [
     "PINV_METHODS", "singular_values", "rank_k_approximation", "best_rank_k_error", "approximation_error",
     "energy_rank", "linformer_attention", "linformer_attention_matrix", "linformer_reference",
     "LinformerAttention", "linformer_config", "tie_projections", "segment_boundaries", "segment_means",
-    "iterative_pinv", "nystrom_attention", "nystrom_attention_matrix", "nystrom_reference",
+    "iterative_pinv", "truncated_pinv", "DEFAULT_PINV_RTOL", "nystrom_attention", "nystrom_attention_matrix",
+    "nystrom_reference",
     "dense_synthesizer_attention", "random_synthesizer_attention", "DenseSynthesizerAttention",
     "RandomSynthesizerAttention", "softmax_attention_matrix", "dependence_matrix", "bench_lowrank", "BENCHMARKS",
 ]
