@@ -288,7 +288,7 @@ def plot_attention_heads(
         used.append(ax)
         image = ax.imshow(w[h], cmap=cmap, norm=norm, interpolation="nearest", aspect="equal" if T == S else "auto")
         if not single:
-            ax.set_title(f"head {h}", fontsize=10)
+            ax.set_title(f"head {h + 1}", fontsize=10)  # heads are shown 1-based (weights[..., h] is head h + 1)
         bottom = h + ncols >= shown  # nothing below this panel
         left = h % ncols == 0
         if tokens is not None and S <= 40:

@@ -84,7 +84,7 @@ def test_attention_heads_one_heatmap_per_head(shape, heads):
     maps = _heatmap_axes(fig)
     assert len(maps) == heads
     # a single (T, S) map gets no "head 0" panel title: the figure's title says which head it is
-    assert [ax.get_title() for ax in maps] == ([""] if len(shape) == 2 else [f"head {h}" for h in range(heads)])
+    assert [ax.get_title() for ax in maps] == ([""] if len(shape) == 2 else [f"head {h + 1}" for h in range(heads)])
     assert fig.get_suptitle() == "Attention weights per head"
     # exactly one more axes: the shared colorbar, with its label
     others = [ax for ax in fig.axes if not ax.images]
@@ -462,7 +462,7 @@ def test_attention_heads_single_head_has_no_head_0_title():
     fig = viz.plot_attention_heads(torch.softmax(torch.randn(5, 5), -1), title="layer 3, head 7")
     assert [ax.get_title() for ax in _heatmap_axes(fig)] == [""]
     fig3 = viz.plot_attention_heads(torch.softmax(torch.randn(2, 5, 5), -1))
-    assert [ax.get_title() for ax in _heatmap_axes(fig3)] == ["head 0", "head 1"]
+    assert [ax.get_title() for ax in _heatmap_axes(fig3)] == ["head 1", "head 2"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
