@@ -419,6 +419,24 @@ def test_segment_plans_cover_every_layer(L):
     assert len(segment_plan(L, "every")) == L and segment_plan(L, "none") == [(0, L)]
 
 
+def test_an_int_is_layers_per_segment_in_plans_and_the_number_of_segments_in_checkpoint_sequential():
+    # segment_plan / CheckpointedTransformer: an int k = k layers per segment; even_plan / checkpoint_sequential
+    # (like torch.utils.checkpoint.checkpoint_sequential): an int = the number of segments
+    assert segment_plan(12, 4) == even_plan(12, 3) == [(0, 4), (4, 8), (8, 12)]
+    assert len(segment_plan(12, 2)) == 6 and len(even_plan(12, 2)) == 2
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=16, d_model=16, n_heads=2, n_layers=12, d_ff=32, max_len=8))
+    assert CheckpointedTransformer(model, 4).plan == even_plan(12, 3)
+    calls = []
+    layers = [nn.Identity() for _ in range(12)]
+    for layer in layers:
+        layer.register_forward_hook(lambda m, i, o: calls.append(m))
+    x = torch.randn(2, 3, requires_grad=True)
+    checkpoint_sequential(layers, 4, x).sum().backward()
+    # 4 segments of 3 layers: the first 3 segments (9 layers) recomputed, so 12 + 9 layer calls
+    assert len(calls) == 12 + 9
+
+
 def test_specific_plans_and_costs():
     assert segment_plan(16, "sqrt") == [(0, 4), (4, 8), (8, 12), (12, 16)]
     assert segment_plan(12, "sqrt") == [(0, 4), (4, 8), (8, 12)]

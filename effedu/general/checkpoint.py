@@ -36,6 +36,12 @@ Chen et al. report a 1,000-layer ResNet going from 48 GB to 7 GB of memory for a
   segments ("none", "every" layer, every ``k`` layers, or √L segments); :class:`CheckpointedTransformer` runs
   the blocks of an :class:`effedu.model.Transformer` that way.
 
+**An int means two things — watch out.** In :func:`segment_plan` and :class:`CheckpointedTransformer` an int
+``k`` is the number of *layers per segment* ("checkpoint every k layers"). In :func:`checkpoint_sequential` and
+:func:`even_plan` — as in ``torch.utils.checkpoint.checkpoint_sequential`` — an int is the *number of segments*.
+``segment_plan(12, 4) == even_plan(12, 3)``: three segments of four layers either way. (The API is kept as it is;
+pass an explicit plan from :func:`even_plan` to :class:`CheckpointedTransformer` to say "k segments".)
+
 **Choice: the last segment runs normally** (as in ``torch.utils.checkpoint.checkpoint_sequential``). Its
 activations are needed the moment the backward pass starts; checkpointing it frees them at the end of the forward
 only to recompute them almost at once: |last| more layer forwards, for a peak lower only by what the layers
@@ -263,7 +269,8 @@ def segment_plan(n_layers, strategy):
     ``strategy``:
       * ``"none"``  — one segment: nothing is checkpointed (the last segment runs normally);
       * ``"every"`` — each layer is its own segment: only layer inputs are kept;
-      * an int ``k`` — "every k layers": segments of ``k`` layers (a shorter remainder goes *first*);
+      * an int ``k`` — "every k layers": segments of ``k`` layers (a shorter remainder goes *first*). Not the
+        number of segments, which is what :func:`even_plan` and :func:`checkpoint_sequential` take as an int;
       * ``"sqrt"``  — round(√L) segments of ≈ √L layers (Chen et al. 2016): O(√L) memory.
     """
     where = "segment_plan"
@@ -379,8 +386,9 @@ def _segment_runner(layers, start, stop):
 def checkpoint_sequential(layers, segments, x, *, checkpoint_last=False, preserve_rng_state=True):
     """Run ``x`` through ``layers`` in checkpointed segments.
 
-    ``segments`` is the number of segments (an int, split by :func:`even_plan`) or a plan from
-    :func:`segment_plan`. Every segment but the last is checkpointed; the last runs normally unless
+    ``segments`` is the number of segments (an int, split by :func:`even_plan`, as in
+    ``torch.utils.checkpoint.checkpoint_sequential``; note that :func:`segment_plan`'s int is the number of
+    *layers per segment* instead) or a plan from :func:`segment_plan`. Every segment but the last is checkpointed; the last runs normally unless
     ``checkpoint_last=True`` (see the module docstring: |last| more layer forwards, for a peak lower only by
     what the layers after the stack save).
     """
@@ -412,8 +420,9 @@ def checkpoint_sequential(layers, segments, x, *, checkpoint_last=False, preserv
 class CheckpointedTransformer(nn.Module):
     """An :class:`effedu.model.Transformer` whose blocks run checkpointed per ``segment_plan(n_layers, strategy)``.
 
-    ``strategy`` is anything :func:`segment_plan` takes ("none", "every", "sqrt", an int k) or an explicit plan,
-    a list of ``(start, stop)`` pairs such as ``even_plan(n_layers, segments)``.
+    ``strategy`` is anything :func:`segment_plan` takes ("none", "every", "sqrt", an int k = *layers per
+    segment*, not the number of segments) or an explicit plan, a list of ``(start, stop)`` pairs such as
+    ``even_plan(n_layers, segments)`` (there the int *is* the number of segments).
 
     It *wraps* the model (same parameters, same ``state_dict`` under ``model.``): ``forward(tokens)`` returns
     exactly the model's logits, and ``backward`` the same gradients, with less activation memory. The embeddings

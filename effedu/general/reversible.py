@@ -44,7 +44,8 @@ g = pre-LN feed-forward sub-layer (the two halves of :class:`effedu.model.Block`
 
 * ``coupling="duplicate"`` (the default, the Reformer's choice): both streams start as the embedding,
   ``x₁ = x₂ = x``, each of full width d; at the top the two streams are averaged, ``h = (y₁ + y₂) / 2`` (as in
-  the reformer-pytorch implementation; trax concatenates them instead). It has exactly the parameters of
+  trax's Reformer *encoder*, ``XYAvg``, and reformer-pytorch; trax's ``ReformerLM`` and Hugging Face's
+  ``ReformerModel`` concatenate them instead, a 2d-wide output before the final LayerNorm). It has exactly the parameters of
   :class:`effedu.model.Transformer` with the same config; the two streams cost 2× the width in the saved outputs.
 * ``coupling="split"`` (RevNet): the d channels are split in two halves of d/2 (``d_model`` must be even), f and g
   work at width d/2, and the halves are concatenated at the top.
@@ -422,7 +423,7 @@ class ReversibleTransformer(nn.Module):
 
     ``forward(tokens (B, T)) → logits (B, T, vocab)``. Layer ℓ is ``ReversibleBlock(f=AttentionSublayer,
     g=FeedForwardSublayer)``. ``coupling="duplicate"`` (Reformer): ``x₁ = x₂ = embedding``, output
-    ``(y₁ + y₂)/2``; ``coupling="split"`` (RevNet): the embedding's channels are split in halves of ``d_model/2``
+    ``(y₁ + y₂)/2`` (as trax's Reformer encoder; its ReformerLM concatenates the streams); ``coupling="split"`` (RevNet): the embedding's channels are split in halves of ``d_model/2``
     and concatenated at the top. ``memory_efficient=False`` in ``forward`` runs the blocks through plain autograd
     (the reference). Needs ``config.norm_first=True``: a post-LN layer, ``LN(x + f(x))``, is not invertible.
     """
