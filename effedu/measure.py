@@ -13,6 +13,8 @@ Every chapter measures with these, so numbers are comparable across chapters.
   Memory that numba allocates itself is not seen by either: the kernels say what they allocate.
 * **Time**: warm-up, then the median of repeats, with ``torch.cuda.synchronize()`` around GPU work.
 * **FLOPs**: closed forms for one Transformer layer (a multiply-add counts 2 FLOPs).
+* **Gradients through depth**: the gradient norm per block (:func:`gradient_norms`) and of chosen weights per
+  block for one batch (:func:`layer_weight_grad_norms`, Xiong et al. 2020's pre-LN vs post-LN measurement).
 """
 from __future__ import annotations
 
@@ -349,7 +351,83 @@ def gradient_norms(model, *, per="block"):
     raise ValueError(f"gradient_norms: per must be 'block' or 'parameter', got {per!r}")
 
 
+def layer_weight_grad_norms(model, batch, loss_fn=None, *, weights="ffn.fc2.weight"):
+    """‖∂L/∂W‖₂ of chosen weights in each block of ``model.blocks`` for one batch (index 0 = closest to the input).
+
+    Xiong et al. (2020, "On Layer Normalization in the Transformer Architecture", Fig. 3 and Theorem 1) measure the
+    gradient norm of each layer's FFN output weight W² at initialisation: for post-LN it grows toward the output
+    layer, for pre-LN it stays flat or shrinks, and pre-LN's last-layer gradient is about √L times smaller. This is
+    that meter, for any stack with ``.blocks`` (chapters 01 and 12 use it).
+
+    Args:
+        batch: the model's inputs (a tensor), or a pair ``(inputs, targets)`` such as an ``effedu.data.Batch``.
+        loss_fn: ``loss_fn(output, targets) → scalar`` (``targets`` is None when ``batch`` is a tensor). Default:
+            the cross-entropy of logits ``(..., V)`` against ``targets (...)`` (positions equal to -100 ignored), or
+            ``output.float().pow(2).mean()`` when there are no targets.
+        weights: a parameter name inside a block (default ``"ffn.fc2.weight"``, Xiong's W²), a list of names (one
+            norm over them together), or ``"all"`` (every weight matrix of the block, i.e. each parameter with ≥ 2
+            dimensions: biases and LayerNorm gains excluded).
+
+    Returns a list of floats, one per block. The gradients come from ``torch.autograd.grad``: the parameters'
+    ``.grad`` are left untouched, and the model keeps its mode (call ``model.eval()`` first to switch dropout off).
+    """
+    where = "layer_weight_grad_norms"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{where}: model must be an nn.Module, got {type(model).__name__}")
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or len(blocks) == 0:
+        raise ValueError(f"{where}: model must have a non-empty .blocks (a stack of layers), got {blocks!r}")
+    if isinstance(batch, torch.Tensor):
+        inputs, targets = batch, None
+    elif isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, torch.Tensor) for t in batch):
+        inputs, targets = batch
+    else:
+        raise TypeError(f"{where}: batch must be a tensor of inputs or a pair (inputs, targets) of tensors, "
+                        f"got {type(batch).__name__}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"{where}: loss_fn must be callable loss_fn(output, targets), got {type(loss_fn).__name__}")
+
+    selected = []  # per block: the list of chosen parameters
+    for i, block in enumerate(blocks):
+        named = dict(block.named_parameters())
+        if weights == "all":
+            chosen = [p for p in named.values() if p.dim() >= 2]
+        else:
+            names = [weights] if isinstance(weights, str) else weights
+            if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+                raise TypeError(f"{where}: weights must be a parameter name, a list of names or 'all', got {weights!r}")
+            missing = [n for n in names if n not in named]
+            if missing:
+                raise ValueError(f"{where}: block {i} has no parameter {missing[0]!r}; its parameters are "
+                                 f"{sorted(named)}")
+            chosen = [named[n] for n in names]
+        if not chosen:
+            raise ValueError(f"{where}: block {i} has no weight matrix (weights='all' selects parameters with ≥ 2 dims)")
+        selected.append(chosen)
+
+    output = model(inputs)
+    if loss_fn is not None:
+        loss = loss_fn(output, targets)
+    elif targets is not None:
+        # L = mean over scored positions of −log softmax(logits)[target]
+        loss = nn.functional.cross_entropy(output.reshape(-1, output.shape[-1]).float(), targets.reshape(-1))
+    else:
+        loss = output.float().pow(2).mean()
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ValueError(f"{where}: the loss must be a scalar tensor, got {loss!r}")
+    flat = [p for chosen in selected for p in chosen]
+    grads = torch.autograd.grad(loss, flat, allow_unused=True)
+    norms, i = [], 0
+    for chosen in selected:
+        # ‖g‖₂ over the chosen tensors of the block together: √(Σ g²)
+        sq = sum(float(g.detach().float().pow(2).sum()) for g in grads[i:i + len(chosen)] if g is not None)
+        norms.append(sq ** 0.5)
+        i += len(chosen)
+    return norms
+
+
 __all__ = [
     "saved_activation_bytes", "memory_timeline", "peak_memory", "time_it", "count_parameters", "parameter_bytes",
     "tensor_bytes", "attention_flops", "attention_projection_flops", "ffn_flops", "layer_flops", "gradient_norms",
+    "layer_weight_grad_norms",
 ]

@@ -129,6 +129,72 @@ def test_gradient_norms_per_block():
         measure.gradient_norms(m, per="layer")
 
 
+def test_layer_weight_grad_norms_match_backward_and_leave_grads_alone():
+    torch.manual_seed(0)
+    m = Transformer(TransformerConfig(vocab_size=16, d_model=32, n_heads=4, n_layers=3, d_ff=64))
+    x, y = torch.randint(0, 16, (2, 8)), torch.randint(0, 16, (2, 8))
+    norms = measure.layer_weight_grad_norms(m, (x, y))
+    assert len(norms) == 3 and all(n > 0 for n in norms)
+    assert all(p.grad is None for p in m.parameters())  # autograd.grad: .grad untouched
+    torch.nn.functional.cross_entropy(m(x).reshape(-1, 16), y.reshape(-1)).backward()
+    for i, b in enumerate(m.blocks):
+        assert norms[i] == pytest.approx(float(b.ffn.fc2.weight.grad.norm()), rel=1e-5)
+    # "all": every ≥2-D parameter of a block (qkv, proj, fc1, fc2), not biases or LayerNorm gains
+    all_norms = measure.layer_weight_grad_norms(m, (x, y), weights="all")
+    b = m.blocks[1]
+    manual = sum(float(p.grad.pow(2).sum()) for p in (b.attn.qkv.weight, b.attn.proj.weight, b.ffn.fc1.weight,
+                                                       b.ffn.fc2.weight)) ** 0.5
+    assert all_norms[1] == pytest.approx(manual, rel=1e-5)
+    two = measure.layer_weight_grad_norms(m, (x, y), weights=["ffn.fc1.weight", "ffn.fc2.weight"])
+    assert two[2] == pytest.approx(float(torch.cat([m.blocks[2].ffn.fc1.weight.grad.flatten(),
+                                                    m.blocks[2].ffn.fc2.weight.grad.flatten()]).norm()), rel=1e-5)
+    # a tensor batch without targets: loss_fn gets targets=None
+    seen = []
+    sq = measure.layer_weight_grad_norms(m, x, lambda out, t: seen.append(t) or out.pow(2).sum(),
+                                         weights="attn.proj.weight")
+    assert seen == [None] and len(sq) == 3 and all(n > 0 for n in sq)
+
+
+def test_layer_weight_grad_norms_reproduce_xiong_et_al():
+    """Xiong et al. (2020) at initialisation (Xavier weights, unit-scale embeddings): post-LN's last-layer W²
+    gradient is about √L times pre-LN's, and pre-LN's gradients do not grow toward the output."""
+    x = torch.randint(0, 32, (8, 32), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 32, (8, 32), generator=torch.Generator().manual_seed(2))
+    norms = {}
+    for nf in (True, False):
+        torch.manual_seed(0)
+        m = Transformer(TransformerConfig(vocab_size=32, d_model=64, n_heads=4, n_layers=8, d_ff=256, max_len=32,
+                                          norm_first=nf))
+        for mod in m.modules():
+            if isinstance(mod, nn.Linear):
+                nn.init.xavier_normal_(mod.weight)
+            if isinstance(mod, nn.Embedding):
+                nn.init.normal_(mod.weight, std=1.0)
+        norms[nf] = measure.layer_weight_grad_norms(m, (x, y))
+    pre, post = norms[True], norms[False]
+    assert pre[-1] < pre[0]
+    assert post[-1] > 1.5 * pre[-1]
+    assert post[-1] / pre[-1] > post[0] / pre[0]
+
+
+def test_layer_weight_grad_norms_validation():
+    torch.manual_seed(0)
+    m = Transformer(TransformerConfig(vocab_size=16, d_model=32, n_heads=4, n_layers=2, d_ff=64))
+    x = torch.randint(0, 16, (2, 8))
+    with pytest.raises(ValueError, match="has no parameter 'ffn.w2'"):
+        measure.layer_weight_grad_norms(m, x, weights="ffn.w2")
+    with pytest.raises(TypeError, match="weights must be"):
+        measure.layer_weight_grad_norms(m, x, weights=3)
+    with pytest.raises(TypeError, match="batch must be"):
+        measure.layer_weight_grad_norms(m, [1, 2, 3])
+    with pytest.raises(ValueError, match="non-empty .blocks"):
+        measure.layer_weight_grad_norms(nn.Linear(2, 2), torch.zeros(1, 2))
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        measure.layer_weight_grad_norms(lambda t: t, x)
+    with pytest.raises(ValueError, match="scalar"):
+        measure.layer_weight_grad_norms(m, x, lambda out, t: out)
+
+
 def test_bad_callables():
     with pytest.raises(TypeError, match="fn must be callable"):
         measure.saved_activation_bytes(3)
