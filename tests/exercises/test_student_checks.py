@@ -45,7 +45,7 @@ def test_every_check_fails_on_the_student_stub(path, tmp_path):
     course = json.loads(path.read_text())
     pairs = exercise_cells(course)
     assert pairs, f"{path.name}: no exercises"
-    student = nbformat.from_dict(strip_solutions(course))
+    student = nbformat.reads(json.dumps(strip_solutions(course)), as_version=4)  # sources joined, as on disk
     client = nbclient.NotebookClient(
         student, timeout=600, kernel_name="python3", allow_errors=True,
         resources={"metadata": {"path": str(path.parent)}},
