@@ -78,25 +78,33 @@ def _visit(notebook, lab, times):
     assert not report["problems"], f"{name}: widgets not rendered as widgets: {report['problems']}"
     assert report["explorers"], f"{name}: no cell calls widgets.explorer("
     for ex in report["explorers"]:
-        assert ex["widgets"] > 0 and ex["sliders"] > 0 and ex["handles"] == ex["sliders"], (
+        assert ex["widgets"] > 0 and ex["handles"] == ex["sliders"], (
             f"{name}: cell {ex['cell']}: the explorer did not render as widgets (sliders with handles): {ex}"
         )
+    assert lab.controls(0), f"{name}: the first explorer shows no control (slider, dropdown or checkbox)"
     before = lab.wait_image_ready(0)
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     lab.screenshot_explorer(SCREENSHOTS / f"{notebook.stem}-before.png", 0)
 
-    # 4. move the first slider with the keyboard; the kernel re-runs the plot and the image is replaced
-    slider, key = lab.move_slider(0)
-    after_slider = lab.sliders(0)[0]
-    assert after_slider["now"] != slider["now"], f"{name}: {key} did not move slider {slider['label']!r}: {slider}"
+    # 4. move the first control (a slider with the keyboard, else a dropdown or checkbox); the kernel re-runs the
+    #    plot and the image is replaced
+    first = lab.controls(0)[0]
+    if first["kind"] == "slider" and first["index"] == 0:  # one keyboard step, as a learner nudges it
+        slider, key = lab.move_slider(0)
+        after_slider = lab.sliders(0)[0]
+        assert after_slider["now"] != slider["now"], f"{name}: {key} did not move slider {slider['label']!r}: {slider}"
+        moved = f"{slider['label']} {slider['readout']} -> {after_slider['readout']}"
+    else:
+        moved = lab.move_control(0, first, "max") or lab.move_control(0, first, "min")
+        assert moved, f"{name}: the first control {first} cannot be moved"
     after = lab.wait_image_changed(before, name, 0, timeout=RUN_TIMEOUT)
     assert after["hash"] != before["hash"] or after["len"] != before["len"]
     dom_errors = lab.dom_errors()
-    assert not dom_errors, f"{name}: moving {slider['label']!r} showed an error: {dom_errors}"
+    assert not dom_errors, f"{name}: moving {moved} showed an error: {dom_errors}"
     lab.evaluate("() => document.activeElement && document.activeElement.blur()")
     lab.screenshot_explorer(SCREENSHOTS / f"{notebook.stem}-after.png", 0)
     times["explore"] = time.monotonic() - t
-    times["moved"] = f"{slider['label']} {slider['readout']} -> {lab.sliders(0)[0]['readout']}"
+    times["moved"] = moved
 
     # 5. every visible control of every explorer, to both ends: each move redraws the figure
     t = time.monotonic()
