@@ -85,8 +85,15 @@ def check_positive_int(value, name, where):
     return value
 
 
-def check_tokens(tokens, config, where):
-    """Token ids ``(B, T)`` for a model with ``config.vocab_size`` and ``config.max_len``; returns ``(B, T)``."""
+def check_tokens(tokens, config, where, *, values=None):
+    """Token ids ``(B, T)`` for a model with ``config.vocab_size`` and ``config.max_len``; returns ``(B, T)``.
+
+    The range of the ids is a *value* check: ``min()``/``max()`` on a GPU tensor waits for the GPU. It is worth it
+    where it protects from a silent wrong answer — an id ≥ vocab_size is an IndexError on the CPU but garbage or a
+    device-side assert (which kills the CUDA context) on a GPU. ``values=None`` checks on the CPU, where it costs no
+    sync, and skips elsewhere; ``values=True`` always checks (the Transformer does on its first forward on a device,
+    which catches a tokenizer / vocab_size mismatch at once), ``values=False`` never.
+    """
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"{where}: tokens must be a torch.Tensor, got {type(tokens).__name__}")
     if tokens.dtype not in (torch.int64, torch.int32):
@@ -98,9 +105,65 @@ def check_tokens(tokens, config, where):
         raise ValueError(f"{where}: empty batch or sequence (T ≥ 1 needed), got tokens of shape {tuple(tokens.shape)}")
     if T > config.max_len:
         raise ValueError(f"{where}: sequence length T={T} exceeds max_len={config.max_len}")
-    if int(tokens.min()) < 0 or int(tokens.max()) >= config.vocab_size:
-        raise ValueError(
-            f"{where}: token ids must lie in [0, vocab_size={config.vocab_size}), "
-            f"got min {int(tokens.min())}, max {int(tokens.max())}"
-        )
+    if values if values is not None else tokens.device.type == "cpu":
+        lo, hi = torch.aminmax(tokens)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= config.vocab_size:
+            raise ValueError(
+                f"{where}: token ids must lie in [0, vocab_size={config.vocab_size}), got min {lo}, max {hi}"
+            )
     return B, T
+
+
+def check_seed(seed, where):
+    """A seed for a local generator: a non-negative int (``bool`` refused). Returns it."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{where}: seed must be an int, got {type(seed).__name__}")
+    if seed < 0:
+        raise ValueError(f"{where}: seed must be a non-negative int, got {seed}")
+    return seed
+
+
+def check_choice(value, choices, what, where):
+    """``value`` must be a str and one of ``choices`` (a registry's keys); ``what`` names it in the message."""
+    if not isinstance(value, str):
+        raise TypeError(f"{where}: {what} must be a str, one of {', '.join(choices)}; got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{where}: unknown {what} {value!r}; expected one of {', '.join(choices)}")
+    return value
+
+
+def check_bool(value, name, where):
+    """``value`` must be a real ``bool`` (not 0/1, not None). Returns it."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{where}: {name} must be a bool, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def check_int(value, name, where, *, minimum=1):
+    """An int (not a bool) ≥ ``minimum``; returns it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"{where}: {name} must be an int ≥ {minimum}, got {value}")
+    return value
+
+
+def check_batch(batch, where):
+    """``batch`` = an ``effedu.data.Batch`` or an ``(inputs, targets)`` pair of tensors with one batch dimension;
+    returns ``(inputs, targets)``."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(f"{where}: batch must be a Batch or an (inputs, targets) pair of tensors, got {type(batch).__name__}")
+    inputs, targets = batch
+    for name, t in (("inputs", inputs), ("targets", targets)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: batch {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() == 0:
+            raise ValueError(f"{where}: batch {name} must have a batch dimension, got a 0-d tensor")
+    if inputs.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"{where}: inputs and targets must have the same batch size, got {inputs.shape[0]} and {targets.shape[0]}"
+        )
+    if inputs.shape[0] == 0:
+        raise ValueError(f"{where}: empty batch (batch size 0)")
+    return inputs, targets

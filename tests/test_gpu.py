@@ -225,7 +225,7 @@ def test_cuda_kernel_compiles_for_hopper(monkeypatch, np_dtype, block, D):
     kern = ta._make_cuda_kernel(np_dtype, block, bk, dmax)
     nb = float32 if np_dtype == np.float32 else float64
     a3, a2 = types.Array(nb, 3, "C"), types.Array(nb, 2, "C")
-    ptx, _ = cuda.compile_ptx(kern.py_func, (a3, a3, a3, a3, a2, nb, boolean), cc=(9, 0))
+    ptx, _ = cuda.compile_ptx(kern.py_func, (a3, a3, a3, a3, a2, nb, boolean, types.int64), cc=(9, 0))
     if np_dtype == np.float32:
         # float32 inputs, float32 arithmetic: float64 runs at a fraction of the speed on most GPUs
         f64_math = [ln for ln in ptx.splitlines() if ".f64" in ln and "cvt" not in ln]
@@ -305,7 +305,8 @@ def test_cuda_backward_kernels_compile_for_hopper(monkeypatch, np_dtype, block, 
     dkdv, dq = ta._make_cuda_bwd_kernels(np_dtype, block, bk, dmax)
     nb = float32 if np_dtype == np.float32 else float64
     a3, a2 = types.Array(nb, 3, "C"), types.Array(nb, 2, "C")
-    for kern, sig in ((dkdv, (a3, a3, a3, a3, a2, a2, a3, a3, nb, boolean)), (dq, (a3, a3, a3, a3, a2, a2, a3, nb, boolean))):
+    for kern, sig in ((dkdv, (a3, a3, a3, a3, a2, a2, a3, a3, nb, boolean, types.int64)),
+                      (dq, (a3, a3, a3, a3, a2, a2, a3, nb, boolean, types.int64))):
         ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=(9, 0))
         if np_dtype == np.float32:
             f64_math = [ln for ln in ptx.splitlines() if ".f64" in ln and "cvt" not in ln]

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from effedu import kernels
-from effedu.kernels._rowops import exp_rows_checked, row_max_sum_checked
+from effedu.kernels.online_softmax import exp_rows_checked, row_max_sum_checked
 from _oracles import TOL, qkv
 
 CPU_BACKENDS = ["torch", "numba"]

@@ -42,11 +42,11 @@ over the kept blocks only: one sweep over key blocks (the layout read by column:
 block) accumulates dK, dV privately; one sweep over query blocks accumulates dQ.
 
 Backends (same signature, same numbers up to rounding):
-  * ``"torch"`` — the reference: expand the layout to a T×S token mask and call the dense masked
-    ``softmax_attention`` (O(T·S) time and memory, autograd through torch ops). This is the *masked-dense* path
+  * ``"torch"`` — the reference: expand the layout to a T×S token mask and compute dense masked softmax
+    attention (``masking.masked_softmax``; O(T·S) time and memory, autograd through torch ops). This is the *masked-dense* path
     of the notebook: correct, and no faster than dense attention.
   * ``"numba"`` — ``@njit(parallel=True)``: one job per (batch·head, query block) forward, per key block /
-    query block in backward; BLAS for every product of a run, the vectorised exp of ``_rowops.py``.
+    query block in backward; BLAS for every product of a run, the vectorised exp of ``online_softmax.py``.
   * ``"cuda"`` — ``@cuda.jit``: one thread block per (batch·head, query block), one thread per query row (per
     key row in the dK/dV kernel); kept K/V (Q/dout) tiles staged in shared memory. ``block_size`` must then be
     one of 8, 16, 32, 64, 128 (it is the number of threads per block).
@@ -60,13 +60,13 @@ import torch
 from numba import cuda, njit, prange
 
 from .._checks import check_positive_int, check_qkv, check_scale
-from . import resolve_backend
-from ._rowops import N_LANES
-from .tiled_attention import (CUDA_MAX_GRID_Y, CUDA_MAX_HEAD_DIM, CUDA_STATIC_SMEM_BYTES, _single_threaded_blas,
-                              online_softmax_tile, recompute_tile)
+from ._base import (CUDA_BLOCK_SIZES, CUDA_MAX_GRID_Y, CUDA_MAX_HEAD_DIM, CUDA_STATIC_SMEM_BYTES, apply_kernel,
+                    cached_kernels, check_cuda_grid, cuda_launch, np_dtype_of, resolve_backend, shared_tile_dims,
+                    single_threaded_blas)
+from .masking import allowed_mask, masked_softmax
+from .online_softmax import online_softmax_tile, recompute_tile
 
 RUN_KEYS = 512  # at most this many consecutive keys (whole blocks) per matrix product in the numba kernels
-CUDA_BLOCK_SIZES = (8, 16, 32, 64, 128)
 
 # --------------------------------------------------------------------------------------------------------------
 # layouts: the block grid, checks, expansion to a token mask
@@ -142,19 +142,18 @@ def block_sparse_torch(q, k, v, layout, *, block_size, causal=False, scale=1.0, 
     ``layout``: checked 3-D ``(1 or H, nT, nS)``. O(T·S) time and memory — the reference, not a speed-up.
     ``need_lse=False`` skips the log-sum-exp (returned as None).
     """
-    from ..attention.dense import allowed_mask, softmax_attention
-
     B, H, T, D = q.shape
     S = k.shape[2]
     # allowed(i, j) = layout[h, ⌊i/b⌋, ⌊j/b⌋]                                            (1, 1 or H, T, S)
     mask = layout_to_mask(layout.to(q.device), block_size, T, S).unsqueeze(0)
-    out = softmax_attention(q, k, v, mask=mask, causal=causal, scale=scale)
+    allowed = allowed_mask(mask, causal, T, S, q.device)
+    # out = softmax(q kᵀ · scale, masked) v ; a row with nothing allowed gets 0
+    out = masked_softmax((q @ k.transpose(-2, -1)) * scale, allowed) @ v
     if not need_lse:
         return out, None
     with torch.no_grad():
         acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         s = (q.to(acc) @ k.to(acc).transpose(-2, -1)) * scale
-        allowed = allowed_mask(mask, causal, T, S, q.device)
         # lse_i = log Σ_{j allowed} exp(s_ij); −inf for a row with nothing allowed
         lse = torch.logsumexp(s.masked_fill(~allowed, -math.inf), dim=-1).to(q.dtype)
     return out, lse
@@ -183,9 +182,7 @@ def _bs_forward_kernel(q, k, v, layout, n_heads, out, lse, scale, causal, b, max
         acc = np.zeros((nq, Dv), dtype=q.dtype)  # Σ_j p_ij v_j (unnormalised)
         m = np.full(nq, -np.inf, dtype=q.dtype)  # running max per row
         l = np.zeros(nq, dtype=q.dtype)  # running normaliser per row
-        ncols = np.empty(nq, dtype=np.int64)
-        alpha = np.empty(nq, dtype=q.dtype)
-        lanes = np.empty(N_LANES, dtype=q.dtype)
+        scratch = np.empty(max_run * b, dtype=q.dtype)  # the exp's rounded exponents (one row of a run)
         # causal block skipping: key blocks that start after the block's last query (q1 − 1) are never needed
         kb_end = min(nS, (q1 - 1) // b + 1) if causal else nS
         kb = 0
@@ -200,7 +197,7 @@ def _bs_forward_kernel(q, k, v, layout, n_heads, out, lse, scale, causal, b, max
             k0 = r0 * b
             k1 = min(kb * b, S)
             # one online-softmax step over the run (shared with the dense kernel)
-            online_softmax_tile(qs, k[bh, k0:k1], v[bh, k0:k1], q0, k0, causal, m, l, acc, ncols, alpha, lanes)
+            online_softmax_tile(qs, k[bh, k0:k1], v[bh, k0:k1], q0, k0, causal, m, l, acc, scratch)
         for i in range(nq):
             if l[i] > 0:
                 # out_i = acc_i / l_i ;  lse_i = m_i + log l_i
@@ -234,7 +231,7 @@ def _bs_bwd_dkdv_kernel(q, k, v, dout, lse, delta, layout, n_heads, dk, dv, scal
         vt = v[bh, k0:k1]
         dk_acc = np.zeros((nk, D), dtype=q.dtype)
         dv_acc = np.zeros((nk, Dv), dtype=q.dtype)
-        ncols = np.empty(cap, dtype=np.int64)
+        scratch = np.empty(b, dtype=q.dtype)
         shift = np.empty(cap, dtype=q.dtype)
         # causal: query block I ends at I·b + b − 1, so it sees key block J only if I ≥ J
         qb = kb if causal else 0
@@ -253,7 +250,7 @@ def _bs_bwd_dkdv_kernel(q, k, v, dout, lse, delta, layout, n_heads, dk, dv, scal
             for i in range(nq):
                 shift[i] = lse[bh, q0 + i]
             # p and dS of this (query run, key block), recomputed from the lse (shared with the dense kernel)
-            p, ds = recompute_tile(qt, dot, kt, vt, shift, delta[bh], q0, k0, causal, ncols)
+            p, ds = recompute_tile(qt, dot, kt, vt, shift, delta[bh], q0, k0, causal, scratch, 0)
             # dV_j += Σ_i p_ij dout_i ;  dK_j += Σ_i dS_ij (scale · q_i)
             dv_acc += np.dot(p.T, dot)
             dk_acc += np.dot(ds.T, qt)
@@ -277,7 +274,7 @@ def _bs_bwd_dq_kernel(q, k, v, dout, lse, delta, layout, n_heads, dq, scale, cau
         qt = q[bh, q0:q1] * scale
         dot = dout[bh, q0:q1]
         dq_acc = np.zeros((nq, D), dtype=q.dtype)
-        ncols = np.empty(nq, dtype=np.int64)
+        scratch = np.empty(max_run * b, dtype=q.dtype)
         shift = np.empty(nq, dtype=q.dtype)
         for i in range(nq):
             shift[i] = lse[bh, q0 + i]
@@ -292,7 +289,7 @@ def _bs_bwd_dq_kernel(q, k, v, dout, lse, delta, layout, n_heads, dq, scale, cau
                 kb += 1
             k0 = r0 * b
             k1 = min(kb * b, S)
-            _, ds = recompute_tile(qt, dot, k[bh, k0:k1], v[bh, k0:k1], shift, delta[bh], q0, k0, causal, ncols)
+            _, ds = recompute_tile(qt, dot, k[bh, k0:k1], v[bh, k0:k1], shift, delta[bh], q0, k0, causal, scratch, 0)
             # dQ_i += Σ_j dS_ij k_j   (× scale below)
             dq_acc += np.dot(ds, k[bh, k0:k1])
         for i in range(nq):
@@ -321,7 +318,7 @@ def block_sparse_numba(q, k, v, layout, *, block_size, causal=False, scale=1.0):
     # outputs allocated by torch (so torch's memory profiler sees them), written by numba through .numpy()
     out = torch.empty((B * H, T, Dv), dtype=q.dtype)
     lse = torch.empty((B * H, T), dtype=q.dtype)
-    with _single_threaded_blas():
+    with single_threaded_blas():
         _bs_forward_kernel(qn, kn, vn, lay, H, out.numpy(), lse.numpy(), qn.dtype.type(scale), bool(causal),
                            block_size, _max_run(block_size))
     return out.reshape(B, H, T, Dv), lse.reshape(B, H, T)
@@ -352,7 +349,7 @@ def block_sparse_backward_numba(q, k, v, out, lse, dout, layout, *, block_size, 
     dv = torch.empty((B * H, S, Dv), dtype=q.dtype)
     sc = qn.dtype.type(scale)
     mr = _max_run(block_size)
-    with _single_threaded_blas():
+    with single_threaded_blas():
         _bs_bwd_dkdv_kernel(qn, kn, vn, don, lsen, dn, lay, H, dk.numpy(), dv.numpy(), sc, bool(causal), block_size, mr)
         _bs_bwd_dq_kernel(qn, kn, vn, don, lsen, dn, lay, H, dq.numpy(), sc, bool(causal), block_size, mr)
     return dq.reshape(B, H, T, D), dk.reshape(B, H, S, D), dv.reshape(B, H, S, Dv)
@@ -362,24 +359,21 @@ def numba_workspace_bytes(T, S, D, Dv, *, block_size, itemsize=4, n_threads=None
     """Bytes the numba forward allocates internally at most (numba's allocator: no torch profiler sees them).
 
     Per worker thread, one job at a time: the scaled query block (b·D), the accumulator (b·Dv), the score run
-    that np.dot returns (b·RUN_KEYS at most, two alive while the next is made), the product P·V (b·Dv) and five
-    row vectors. Independent of T and S: the point of working block by block.
+    that np.dot returns (b·RUN_KEYS at most, two alive while the next is made), the product P·V (b·Dv), three
+    row vectors and the exp's scratch row. Independent of T and S: the point of working block by block.
     """
     from numba import get_num_threads
 
     n_threads = get_num_threads() if n_threads is None else n_threads
     b = min(block_size, T)
     run = min(_max_run(block_size) * block_size, -(-S // block_size) * block_size)
-    per_job = (b * D + 2 * b * Dv + 2 * b * run + 5 * b + N_LANES) * itemsize
+    per_job = (b * D + 2 * b * Dv + 2 * b * run + 3 * b + run) * itemsize
     return n_threads * per_job
 
 
 # --------------------------------------------------------------------------------------------------------------
 # numba.cuda on a GPU (and in the CUDA simulator for tests)
 # --------------------------------------------------------------------------------------------------------------
-
-_CUDA_KERNELS = {}
-
 
 def cuda_tile_dims(np_dtype, block, D, Dv):
     """Compile-time sizes ``(BT, DMAX)``: rows per shared-memory tile and the head-dim capacity.
@@ -389,16 +383,10 @@ def cuda_tile_dims(np_dtype, block, D, Dv):
     must stay within 48 KiB: ``BT`` is ``block`` halved until it fits (a layout block is then loaded in 2–4
     sub-tiles).
     """
-    dmax = 16
-    while dmax < max(D, Dv):
-        dmax *= 2
-    itemsize = np.dtype(np_dtype).itemsize
-    bt = block
-    while bt > 8 and (2 * bt * dmax + 2 * bt) * itemsize > CUDA_STATIC_SMEM_BYTES:
-        bt //= 2
-    return bt, dmax
+    return shared_tile_dims(np_dtype, block, max(D, Dv), lambda bt, dmax: 2 * bt * dmax + 2 * bt)
 
 
+@cached_kernels
 def _make_cuda_kernels(np_dtype, BLOCK, BT, DMAX):
     """Compile the forward, dQ and dK/dV kernels for one dtype and block size.
 
@@ -639,37 +627,20 @@ def _make_cuda_kernels(np_dtype, BLOCK, BT, DMAX):
 
 
 def _cuda_kernels(q, block_size, D, Dv):
-    np_dtype = np.float32 if q.dtype == torch.float32 else np.float64
+    np_dtype = np_dtype_of(q.dtype)
     bt, dmax = cuda_tile_dims(np_dtype, block_size, D, Dv)
-    key = (np_dtype, block_size, bt, dmax)
-    if key not in _CUDA_KERNELS:
-        _CUDA_KERNELS[key] = _make_cuda_kernels(np_dtype, block_size, bt, dmax)
-    return np_dtype, _CUDA_KERNELS[key]
+    return np_dtype, _make_cuda_kernels(np_dtype, block_size, bt, dmax)
 
 
 def _check_cuda_shapes(B, H, T, S, D, Dv, block_size):
+    where = "block_sparse_attention(backend='cuda')"
     if D > CUDA_MAX_HEAD_DIM or Dv > CUDA_MAX_HEAD_DIM:
         raise ValueError(
-            f"block_sparse_attention(backend='cuda'): head dim must be ≤ {CUDA_MAX_HEAD_DIM} (shared-memory tile "
+            f"{where}: head dim must be ≤ {CUDA_MAX_HEAD_DIM} (shared-memory tile "
             f"size), got D={D}, Dv={Dv}; use backend='numba' or 'torch'"
         )
     nT, nS = block_grid(T, S, block_size)
-    if nT > CUDA_MAX_GRID_Y or nS > CUDA_MAX_GRID_Y:
-        raise ValueError(
-            f"block_sparse_attention(backend='cuda'): the block grid ({nT}, {nS}) exceeds the launch grid's "
-            f"{CUDA_MAX_GRID_Y}; use a larger block_size"
-        )
-
-
-def _launch(kernel, grid, block, tensors, scalars, device):
-    """Launch on the tensors' GPU (zero-copy through __cuda_array_interface__), or in the simulator on host arrays."""
-    if device.type == "cuda":
-        dev = device.index if device.index is not None else torch.cuda.current_device()
-        with cuda.gpus[dev]:  # launch on the tensors' GPU, not numba's default device 0
-            kernel[grid, block](*[cuda.as_cuda_array(x) for x in tensors], *scalars)
-        torch.cuda.synchronize(device)
-    else:  # simulator: host arrays stand in for device memory
-        kernel[grid, block](*[x.numpy() for x in tensors], *scalars)
+    check_cuda_grid(max(nT, nS), f"the block grid ({nT}, {nS})", where)
 
 
 def block_sparse_cuda(q, k, v, layout, *, block_size, causal=False, scale=1.0):
@@ -685,7 +656,7 @@ def block_sparse_cuda(q, k, v, layout, *, block_size, causal=False, scale=1.0):
     out = torch.empty((B * H, T, Dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((B * H, T), dtype=q.dtype, device=q.device)
     grid = (B * H, lay.shape[1])  # B·H on x (limit 2³¹ − 1), query blocks on y (limit 65535)
-    _launch(fwd, grid, block_size, (qc, kc, vc, lay, out, lse), (np_dtype(scale), bool(causal), H), q.device)
+    cuda_launch(fwd, grid, block_size, (qc, kc, vc, lay, out, lse), (np_dtype(scale), bool(causal), H))
     return out.reshape(B, H, T, Dv), lse.reshape(B, H, T)
 
 
@@ -701,43 +672,18 @@ def block_sparse_backward_cuda(q, k, v, out, lse, dout, layout, *, block_size, c
     dk = torch.empty((B * H, S, D), dtype=q.dtype, device=q.device)
     dv = torch.empty((B * H, S, Dv), dtype=q.dtype, device=q.device)
     scalars = (np_dtype(scale), bool(causal), H)
-    _launch(bwd_dkdv, (B * H, lay.shape[2]), block_size, (qf, kf, vf, do, lse_, delta, lay, dk, dv), scalars, q.device)
-    _launch(bwd_dq, (B * H, lay.shape[1]), block_size, (qf, kf, vf, do, lse_, delta, lay, dq), scalars, q.device)
+    cuda_launch(bwd_dkdv, (B * H, lay.shape[2]), block_size, (qf, kf, vf, do, lse_, delta, lay, dk, dv), scalars)
+    cuda_launch(bwd_dq, (B * H, lay.shape[1]), block_size, (qf, kf, vf, do, lse_, delta, lay, dq), scalars)
     return dq.reshape(B, H, T, D), dk.reshape(B, H, S, D), dv.reshape(B, H, S, Dv)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# autograd: forward and backward kernels of one backend
+# forward and backward of each backend (the torch reference is differentiated by autograd: no backward)
 # --------------------------------------------------------------------------------------------------------------
 
-_FORWARD = {"numba": block_sparse_numba, "cuda": block_sparse_cuda}
-_BACKWARD = {"numba": block_sparse_backward_numba, "cuda": block_sparse_backward_cuda}
-
-
-class BlockSparseAttentionFunction(torch.autograd.Function):
-    """Forward with the backend's kernel, saving q, k, v, out and lse (O(T·D)); backward with its backward kernels.
-
-    ``apply(q, k, v, layout3, block_size, causal, scale, backend)`` → ``(out, lse)``; lse is not differentiable.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, layout, block_size, causal, scale, backend):
-        out, lse = _FORWARD[backend](q, k, v, layout, block_size=block_size, causal=causal, scale=scale)
-        ctx.save_for_backward(q, k, v, out, lse, layout)
-        ctx.cfg = (block_size, causal, scale, backend)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, layout = ctx.saved_tensors
-        block_size, causal, scale, backend = ctx.cfg
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dk, dv = _BACKWARD[backend](q, k, v, out, lse, dout, layout, block_size=block_size, causal=causal,
-                                        scale=scale)
-        return dq, dk, dv, None, None, None, None, None
+BLOCK_SPARSE_FORWARD = {"torch": block_sparse_torch, "numba": block_sparse_numba, "cuda": block_sparse_cuda}
+BLOCK_SPARSE_BACKWARD = {"torch": None, "numba": block_sparse_backward_numba, "cuda": block_sparse_backward_cuda}
+_FORWARD, _BACKWARD = BLOCK_SPARSE_FORWARD, BLOCK_SPARSE_BACKWARD  # the old private names
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -772,17 +718,13 @@ def block_sparse_attention(q, k, v, layout, *, block_size, causal=False, scale=N
             f"{where}: block_size for backend 'cuda' must be one of {', '.join(map(str, CUDA_BLOCK_SIZES))} "
             f"(threads per block), got {block_size}"
         )
-    if name == "torch":
-        out, lse = block_sparse_torch(q, k, v, lay, block_size=block_size, causal=causal, scale=scale,
-                                      need_lse=return_lse)
-    elif torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-        out, lse = BlockSparseAttentionFunction.apply(q, k, v, lay, block_size, causal, scale, name)
-    else:
-        out, lse = _FORWARD[name](q, k, v, lay, block_size=block_size, causal=causal, scale=scale)
+    options = {"need_lse": return_lse} if name == "torch" else {}  # the reference skips its lse unless asked
+    out, lse = apply_kernel(BLOCK_SPARSE_FORWARD[name], BLOCK_SPARSE_BACKWARD[name], (q, k, v), (lay,),
+                            block_size=block_size, causal=causal, scale=scale, **options)
     return (out, lse) if return_lse else out
 
 
 __all__ = ["block_sparse_attention", "block_grid", "check_layout", "layout_to_mask", "block_sparse_torch",
            "block_sparse_numba", "block_sparse_backward_numba", "block_sparse_cuda", "block_sparse_backward_cuda",
-           "BlockSparseAttentionFunction", "numba_workspace_bytes", "cuda_tile_dims", "RUN_KEYS",
+           "BLOCK_SPARSE_FORWARD", "BLOCK_SPARSE_BACKWARD", "CUDA_MAX_GRID_Y", "CUDA_STATIC_SMEM_BYTES", "numba_workspace_bytes", "cuda_tile_dims", "RUN_KEYS",
            "CUDA_BLOCK_SIZES"]

@@ -50,100 +50,17 @@ reference next to the efficient versions.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from numba import cuda, njit, prange
 
 from .._checks import check_positive_int, check_qkv
+from ._base import (CUDA_MAX_GRID_Y, CUDA_STATIC_SMEM_BYTES, apply_kernel, cached_kernels, cuda_launch, np_dtype_of,
+                    resolve_backend, shared_tile_dims, single_threaded_blas)
 
 DEFAULT_EPS = 1e-6
 DEFAULT_CHUNK = {"torch": 64, "numba": 64, "cuda": 32}
 WHERE = "causal_linear_attention"
-
-
-# --------------------------------------------------------------------------------------------------------------
-# the public entry point
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _check_eps(eps, where):
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"{where}: eps must be a float, got {type(eps).__name__}")
-    eps = float(eps)
-    if not (0.0 < eps < float("inf")):
-        raise ValueError(f"{where}: eps must be a positive finite number (it keeps the denominator > 0), got {eps}")
-    return eps
-
-
-def check_features(phi_q, phi_k, v, *, where=WHERE):
-    """Validate feature-mapped inputs: shapes ``(B,H,T,M)``, ``(B,H,T,M)``, ``(B,H,T,Dv)``, features ≥ 0.
-
-    Returns ``(B, H, T, M, Dv)``.
-    """
-    for name, x in (("phi_q", phi_q), ("phi_k", phi_k), ("v", v)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{where}: {name} must have 4 dimensions (B, H, T, {'Dv' if name == 'v' else 'M'}), "
-                             f"got shape {tuple(x.shape)}")
-    B, H, T, S, M, Dv = check_qkv(phi_q, phi_k, v, where=where)  # dtypes, devices, matching sizes
-    if S != T:
-        raise ValueError(
-            f"{where}: causal linear attention is self-attention: phi_k and v need as many positions as phi_q, "
-            f"got T={T} queries and S={S} keys"
-        )
-    for name, x in (("phi_q", phi_q), ("phi_k", phi_k)):
-        lo = float(x.detach().min())
-        if not lo >= 0.0:  # also catches NaN
-            raise ValueError(
-                f"{where}: {name} must hold non-negative features (apply a feature map first, e.g. "
-                f"elu(x) + 1 or Performer's positive random features), got a minimum of {lo}"
-            )
-    return B, H, T, M, Dv
-
-
-def causal_linear_attention(phi_q, phi_k, v, *, backend="auto", eps=DEFAULT_EPS, chunk_size=None):
-    """Causal linear attention ``out_i = φq_iᵀ S_i / (φq_i·z_i + eps)`` with prefix sums, never a T×T matrix.
-
-    ``phi_q``, ``phi_k`` ``(B, H, T, M)``: non-negative features (already mapped); ``v`` ``(B, H, T, Dv)``.
-    Returns ``(B, H, T, Dv)`` in the inputs' dtype. ``backend``: ``"torch"`` | ``"numba"`` | ``"cuda"`` | ``"auto"``.
-    ``chunk_size``: tokens per chunk (defaults 64 for torch/numba, 32 for cuda). Differentiable with every backend
-    (numba and cuda through their own backward kernels).
-    """
-    from . import resolve_backend
-
-    B, H, T, M, Dv = check_features(phi_q, phi_k, v)
-    eps = _check_eps(eps, WHERE)
-    name = resolve_backend(backend, phi_q.device, phi_q.dtype, WHERE)
-    chunk = DEFAULT_CHUNK[name] if chunk_size is None else check_positive_int(chunk_size, "chunk_size", WHERE)
-    if name == "torch":
-        return linear_attention_torch(phi_q, phi_k, v, eps=eps, chunk_size=chunk)
-    if name == "cuda":
-        _check_cuda_dims(M, Dv, T, chunk, phi_q.dtype)
-    return _CausalLinearAttention.apply(phi_q, phi_k, v, eps, name, chunk)
-
-
-class _CausalLinearAttention(torch.autograd.Function):
-    """Forward by the chosen backend's kernel; backward by the same backend's backward kernel."""
-
-    @staticmethod
-    def forward(ctx, phi_q, phi_k, v, eps, backend, chunk):
-        fwd = linear_attention_numba_forward if backend == "numba" else linear_attention_cuda_forward
-        a, b, vv = (x.detach().contiguous() for x in (phi_q, phi_k, v))
-        out, den = fwd(a, b, vv, eps=eps, chunk_size=chunk)
-        ctx.save_for_backward(a, b, vv, out, den)
-        ctx.eps, ctx.backend, ctx.chunk = eps, backend, chunk
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        a, b, v, out, den = ctx.saved_tensors
-        bwd = linear_attention_numba_backward if ctx.backend == "numba" else linear_attention_cuda_backward
-        da, db, dv = bwd(a, b, v, out, den, grad_out.contiguous(), eps=ctx.eps, chunk_size=ctx.chunk)
-        return da, db, dv, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -364,8 +281,6 @@ def _flat(x):
 
 def linear_attention_numba_forward(a, b, v, *, eps=DEFAULT_EPS, chunk_size=64):
     """numba forward on contiguous CPU tensors; returns ``(out (B,H,T,Dv), den (B,H,T))`` (den without eps)."""
-    from .tiled_attention import _single_threaded_blas
-
     B, H, T, M = a.shape
     Dv = v.shape[-1]
     an, bn, vn = (_flat(x.detach().contiguous()).numpy() for x in (a, b, v))
@@ -373,15 +288,13 @@ def linear_attention_numba_forward(a, b, v, *, eps=DEFAULT_EPS, chunk_size=64):
     out = torch.empty((B * H, T, Dv), dtype=a.dtype)
     den = torch.empty((B * H, T), dtype=a.dtype)
     kernel = _forward_kernel if _parallel_worth_it(B * H, T, M, Dv, chunk_size) else _forward_kernel_serial
-    with _single_threaded_blas():
+    with single_threaded_blas():
         kernel(an, bn, vn, out.numpy(), den.numpy(), an.dtype.type(eps), min(chunk_size, T))
     return out.reshape(B, H, T, Dv), den.reshape(B, H, T)
 
 
 def linear_attention_numba_backward(a, b, v, out, den, grad_out, *, eps=DEFAULT_EPS, chunk_size=64):
     """numba backward: ``(∂L/∂φq, ∂L/∂φk, ∂L/∂v)`` from the saved forward tensors and ``grad_out``."""
-    from .tiled_attention import _single_threaded_blas
-
     B, H, T, M = a.shape
     Dv = v.shape[-1]
     arrs = [_flat(x.detach().contiguous()).numpy() for x in (a, b, v, out, grad_out)]
@@ -391,15 +304,19 @@ def linear_attention_numba_backward(a, b, v, out, den, grad_out, *, eps=DEFAULT_
     dv = torch.empty((B * H, T, Dv), dtype=a.dtype)
     an, bn, vn, on, gn = arrs
     kernel = _backward_kernel if _parallel_worth_it(B * H, T, M, Dv, chunk_size) else _backward_kernel_serial
-    with _single_threaded_blas():
+    with single_threaded_blas():
         kernel(an, bn, vn, on, denn, gn, da.numpy(), db.numpy(), dv.numpy(), an.dtype.type(eps),
                          min(chunk_size, T))
     return da.reshape(B, H, T, M), db.reshape(B, H, T, M), dv.reshape(B, H, T, Dv)
 
 
+linear_attention_backward_numba = linear_attention_numba_backward  # the uniform name
+
+
 def linear_attention_numba(phi_q, phi_k, v, *, eps=DEFAULT_EPS, chunk_size=64):
     """The numba backend as a differentiable function (forward and backward kernels)."""
-    return _CausalLinearAttention.apply(phi_q, phi_k, v, eps, "numba", chunk_size)
+    return apply_kernel(linear_attention_numba_forward, linear_attention_numba_backward, (phi_q, phi_k, v), eps=eps,
+                        chunk_size=chunk_size)[0]
 
 
 def numba_workspace_bytes(T, M, Dv, *, chunk_size=64, itemsize=4, n_threads=None, backward=False):
@@ -424,22 +341,15 @@ def numba_workspace_bytes(T, M, Dv, *, chunk_size=64, itemsize=4, n_threads=None
 
 CUDA_THREADS = 128  # threads per block in every phase
 CUDA_MAX_DIM = 256  # feature / value width the shared tiles hold (the backward products need Dv + 1)
-CUDA_STATIC_SMEM_BYTES = 48 * 1024  # static __shared__ memory a block may declare
-CUDA_MAX_GRID_Y = 65535
-_CUDA_KERNELS = {}
 
 
 def _cuda_dims(np_dtype, chunk, width):
     """Compile-time ``(C, DMAX)``: DMAX the smallest power of two ≥ width (≥ 16); C = chunk halved until the
     shared tiles x, w (C × DMAX each) and the scores P (C × C) fit the 48 KiB of static shared memory."""
-    dmax = 16
-    while dmax < width:
-        dmax *= 2
-    itemsize = np.dtype(np_dtype).itemsize
-    c = chunk
-    while c > 4 and (2 * c * dmax + c * c) * itemsize > CUDA_STATIC_SMEM_BYTES:
-        c //= 2
-    return c, dmax
+    return shared_tile_dims(np_dtype, chunk, width, lambda c, dmax: 2 * c * dmax + c * c, min_rows=4)
+
+
+cuda_tile_dims = _cuda_dims  # the one name every op's tile-size helper has
 
 
 def _check_cuda_dims(M, Dv, T, chunk, dtype):
@@ -448,13 +358,14 @@ def _check_cuda_dims(M, Dv, T, chunk, dtype):
             f"{WHERE}(backend='cuda'): feature count M and value dim Dv must satisfy M ≤ {CUDA_MAX_DIM} and "
             f"Dv < {CUDA_MAX_DIM} (shared-memory tile width), got M={M}, Dv={Dv}; use backend='numba' or 'torch'"
         )
-    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    np_dtype = np_dtype_of(dtype)
     C, _ = _cuda_dims(np_dtype, chunk, max(M, Dv + 1))
     if -(-T // C) > CUDA_MAX_GRID_Y:
         raise ValueError(f"{WHERE}(backend='cuda'): T={T} needs more than {CUDA_MAX_GRID_Y} chunks of {C}; "
                          f"use a larger chunk_size")
 
 
+@cached_kernels
 def _make_cuda_kernels(np_dtype, C, DMAX, NT=CUDA_THREADS):
     """Compile the three phases of the causal product ``Y = tril(X Wᵀ) U`` (``reverse``: triu) for one dtype.
 
@@ -569,33 +480,19 @@ def causal_product_cuda(x, w, u, *, reverse=False, chunk_size=32, threads=None):
     """
     BH, T, Dx = x.shape
     Du = u.shape[2]
-    np_dtype = np.float32 if x.dtype == torch.float32 else np.float64
+    np_dtype = np_dtype_of(x.dtype)
     C, dmax = _cuda_dims(np_dtype, chunk_size, Dx)
     nt = CUDA_THREADS if threads is None else threads
-    key = (np_dtype, C, dmax, nt)
-    if key not in _CUDA_KERNELS:
-        _CUDA_KERNELS[key] = _make_cuda_kernels(np_dtype, C, dmax, nt)
-    chunk_sums, scan, outputs = _CUDA_KERNELS[key]
+    chunk_sums, scan, outputs = _make_cuda_kernels(np_dtype, C, dmax, nt)
     n_chunks = -(-T // C)
     x, w, u = (t.contiguous() for t in (x, w, u))
     states = torch.empty((BH, n_chunks, Dx, Du), dtype=x.dtype, device=x.device)
     y = torch.empty((BH, T, Du), dtype=x.dtype, device=x.device)
     grid = (BH, n_chunks)
     grid_scan = (BH, -(-(Dx * Du) // nt))
-    if x.is_cuda:
-        dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        with cuda.gpus[dev]:
-            xs, ws, us, st, ys = (cuda.as_cuda_array(t) for t in (x, w, u, states, y))
-            chunk_sums[grid, nt](ws, us, st)
-            scan[grid_scan, nt](st, bool(reverse))
-            outputs[grid, nt](xs, ws, us, st, ys, bool(reverse))
-        torch.cuda.synchronize(x.device)
-        return y
-    # simulator: host arrays stand in for device memory
-    xs, ws, us, st, ys = (t.numpy() for t in (x, w, u, states, y))
-    chunk_sums[grid, nt](ws, us, st)
-    scan[grid_scan, nt](st, bool(reverse))
-    outputs[grid, nt](xs, ws, us, st, ys, bool(reverse))
+    cuda_launch(chunk_sums, grid, nt, (w, u, states))
+    cuda_launch(scan, grid_scan, nt, (states,), (bool(reverse),))
+    cuda_launch(outputs, grid, nt, (x, w, u, states, y), (bool(reverse),))
     return y
 
 
@@ -633,11 +530,95 @@ def linear_attention_cuda_backward(a, b, v, out, den, grad_out, *, eps=DEFAULT_E
     return da.reshape(B, H, T, M), db.reshape(B, H, T, M), dv.reshape(B, H, T, Dv)
 
 
+linear_attention_backward_cuda = linear_attention_cuda_backward  # the uniform name
+
+
 def linear_attention_cuda(phi_q, phi_k, v, *, eps=DEFAULT_EPS, chunk_size=32):
     """The CUDA backend as a differentiable function (forward and backward kernels)."""
-    return _CausalLinearAttention.apply(phi_q, phi_k, v, eps, "cuda", chunk_size)
+    return apply_kernel(linear_attention_cuda_forward, linear_attention_cuda_backward, (phi_q, phi_k, v), eps=eps,
+                        chunk_size=chunk_size)[0]
 
 
-__all__ = ["causal_linear_attention", "check_features", "prefix_sum_reference", "linear_attention_torch",
+# --------------------------------------------------------------------------------------------------------------
+# the public entry point (re-exported as effedu.kernels.causal_linear_attention)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def check_eps(eps, where):
+    """``eps`` as a positive finite float, or a TypeError/ValueError naming it."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{where}: eps must be a float, got {type(eps).__name__}")
+    eps = float(eps)
+    if not (0.0 < eps < float("inf")):
+        raise ValueError(f"{where}: eps must be a positive finite number (it keeps the denominator > 0), got {eps}")
+    return eps
+
+
+def check_features(phi_q, phi_k, v, *, where=WHERE):
+    """Validate feature-mapped inputs: shapes ``(B,H,T,M)``, ``(B,H,T,M)``, ``(B,H,T,Dv)``, features ≥ 0.
+
+    Returns ``(B, H, T, M, Dv)``.
+    """
+    for name, x in (("phi_q", phi_q), ("phi_k", phi_k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{where}: {name} must have 4 dimensions (B, H, T, {'Dv' if name == 'v' else 'M'}), "
+                             f"got shape {tuple(x.shape)}")
+    B, H, T, S, M, Dv = check_qkv(phi_q, phi_k, v, where=where)  # dtypes, devices, matching sizes
+    if S != T:
+        raise ValueError(
+            f"{where}: causal linear attention is self-attention: phi_k and v need as many positions as phi_q, "
+            f"got T={T} queries and S={S} keys"
+        )
+    for name, x in (("phi_q", phi_q), ("phi_k", phi_k)):
+        lo = float(x.detach().min())
+        if not lo >= 0.0:  # also catches NaN
+            raise ValueError(
+                f"{where}: {name} must hold non-negative features (apply a feature map first, e.g. "
+                f"elu(x) + 1 or Performer's positive random features), got a minimum of {lo}"
+            )
+    return B, H, T, M, Dv
+
+
+_check_eps = check_eps  # the old private name (attention.kernelized imported it)
+
+
+
+
+def linear_attention_torch_forward(phi_q, phi_k, v, *, eps=DEFAULT_EPS, chunk_size=64):
+    """:func:`linear_attention_torch` in the ``(out, aux)`` form of the kernels; autograd differentiates it."""
+    return linear_attention_torch(phi_q, phi_k, v, eps=eps, chunk_size=chunk_size), None
+
+
+# forward and backward of each backend; the functions are looked up at call time (tests swap them)
+def _forward(name):
+    return {"torch": linear_attention_torch_forward, "numba": linear_attention_numba_forward,
+            "cuda": linear_attention_cuda_forward}[name]
+
+
+def _backward(name):
+    return {"torch": None, "numba": linear_attention_numba_backward, "cuda": linear_attention_cuda_backward}[name]
+
+
+def causal_linear_attention(phi_q, phi_k, v, *, backend="auto", eps=DEFAULT_EPS, chunk_size=None):
+    """Causal linear attention ``out_i = φq_iᵀ S_i / (φq_i·z_i + eps)`` with prefix sums, never a T×T matrix.
+
+    ``phi_q``, ``phi_k`` ``(B, H, T, M)``: non-negative features (already mapped); ``v`` ``(B, H, T, Dv)``.
+    Returns ``(B, H, T, Dv)`` in the inputs' dtype. ``backend``: ``"torch"`` | ``"numba"`` | ``"cuda"`` | ``"auto"``.
+    ``chunk_size``: tokens per chunk (defaults 64 for torch/numba, 32 for cuda). Differentiable with every backend
+    (numba and cuda through their own backward kernels, torch through autograd).
+    """
+    B, H, T, M, Dv = check_features(phi_q, phi_k, v)
+    eps = check_eps(eps, WHERE)
+    name = resolve_backend(backend, phi_q.device, phi_q.dtype, WHERE)
+    chunk = DEFAULT_CHUNK[name] if chunk_size is None else check_positive_int(chunk_size, "chunk_size", WHERE)
+    if name == "cuda":
+        _check_cuda_dims(M, Dv, T, chunk, phi_q.dtype)
+    out, _ = apply_kernel(_forward(name), _backward(name), (phi_q, phi_k, v), eps=eps, chunk_size=chunk)
+    return out
+
+
+__all__ = ["causal_linear_attention", "check_features", "check_eps", "cuda_tile_dims", "CUDA_STATIC_SMEM_BYTES", "prefix_sum_reference", "linear_attention_torch",
            "linear_attention_numba", "linear_attention_cuda", "causal_product_cuda", "numba_workspace_bytes",
            "DEFAULT_EPS"]

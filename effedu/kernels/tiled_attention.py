@@ -15,13 +15,20 @@ and an unnormalised output acc_i:
 
 Extra memory is O(Bq·Bk + T·D) instead of O(T·S). With ``causal=True`` query i may attend to keys j ≤ i
 (top-left aligned, as ``F.scaled_dot_product_attention(is_causal=True)``), and key tiles that lie entirely in
-the future of a query tile are skipped, not masked: that halves the work.
+the future of a query tile are skipped, not masked: that halves the work. With more keys than queries (S > T: a
+memory of earlier keys, as in Transformer-XL, or a decoder's cache) the queries are the *last* T positions, and
+``causal_align="bottom_right"`` aligns the diagonal to the end (torch's ``causal_lower_right``):
+
+    query i may see key j   ⇔   j ≤ i + off,      off = 0 (top-left)  or  S − T (bottom-right)
+
+The kernels take ``off`` as one more integer; the torch reference gets it by putting ``off`` empty queries in
+front (bottom-right alignment is top-left alignment of a query block that starts ``off`` rows later).
 
 Backends (same signature, same results up to float rounding):
   * ``attention_torch`` — the algorithm written with torch ops, vectorised over batch, heads and queries; the
     readable reference of the loop above (autograd works through it).
   * ``attention_numba`` — ``@njit(parallel=True)``: one parallel job per (batch·head, query tile); the two
-    matrix products per tile go to BLAS (np.dot), the row max / exp / sum to vectorised loops (``_rowops.py``).
+    matrix products per tile go to BLAS (np.dot), the row max / exp / sum to vectorised loops (``online_softmax.py``).
   * ``attention_cuda`` — ``@cuda.jit``: one thread block per (batch·head, query tile), one thread per query row,
     K and V tiles staged in shared memory.
 
@@ -48,7 +55,11 @@ import numpy as np
 import torch
 from numba import cuda, njit, prange
 
-from ._rowops import N_LANES, exp_rows, row_max, row_sum
+from .._checks import check_positive_int, check_qkv, check_scale
+from ._base import (CUDA_BLOCK_SIZES, CUDA_MAX_GRID_Y, CUDA_MAX_HEAD_DIM, CUDA_STATIC_SMEM_BYTES, apply_kernel,
+                    cached_kernels, check_cuda_grid, cuda_launch, np_dtype_of, resolve_backend, shared_tile_dims,
+                    single_threaded_blas)
+from .online_softmax import online_softmax_tile, recompute_tile
 
 # --------------------------------------------------------------------------------------------------------------
 # torch: the readable reference of the tiled algorithm
@@ -132,41 +143,8 @@ def attention_backward_torch(q, k, v, out, lse, dout, *, causal=False, scale=1.0
 # --------------------------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, nogil=True, inline="always")  # inlined into the kernels' loops (a call cost ~4% at n=2048)
-def online_softmax_tile(qs, kt, vt, q0, k0, causal, m, l, acc, ncols, alpha, lanes):
-    """One step of the online softmax: fold key rows ``k0 …`` (``kt``, ``vt``) into the running state of the
-    query rows ``q0 …`` (``qs`` = scale · q): running max ``m``, normaliser ``l``, unnormalised output ``acc``.
-    ``ncols``, ``alpha``, ``lanes`` are scratch. Shared by the dense and the block-sparse forward kernels.
-    """
-    nq = qs.shape[0]
-    nk = kt.shape[0]
-    Dv = vt.shape[1]
-    # s_ij = (q_i · k_j) · scale                                        (nq, nk), BLAS sgemm/dgemm
-    s = np.dot(qs, kt.T)
-    for i in range(nq):
-        # keys this row may see in this tile: all, or j ≤ q0 + i when causal
-        lim = nk
-        if causal:
-            lim = max(0, min(nk, q0 + i - k0 + 1))
-        ncols[i] = lim
-        # m_new = max(m_i, max_j s_ij)
-        mx = max(m[i], row_max(s, i, lim, lanes)) if lim > 0 else m[i]
-        # α = exp(m_i − m_new); 0 when nothing was accumulated yet
-        alpha[i] = math.exp(m[i] - mx) if m[i] > -np.inf else 0.0
-        m[i] = mx
-    # p_ij = exp(s_ij − m_new), 0 for the masked columns          (vectorised exp, in place)
-    exp_rows(s, m, ncols)
-    for i in range(nq):
-        # l_i = α l_i + Σ_j p_ij ;   acc_i = α acc_i (+ P V below)
-        l[i] = alpha[i] * l[i] + row_sum(s, i, nk)
-        for d in range(Dv):
-            acc[i, d] *= alpha[i]
-    # acc += P V                                                      (nq, Dv), BLAS
-    acc += np.dot(s, vt)
-
-
 @njit(parallel=True, fastmath=False, cache=True, nogil=True)
-def _attention_numba_kernel(q, k, v, out, lse, scale, causal, bq, bk):
+def _attention_numba_kernel(q, k, v, out, lse, scale, causal, bq, bk, off):
     # q (BH, T, D), k (BH, S, D), v (BH, S, Dv), out (BH, T, Dv), lse (BH, T) — C-contiguous
     BH, T, D = q.shape
     S = k.shape[1]
@@ -181,15 +159,14 @@ def _attention_numba_kernel(q, k, v, out, lse, scale, causal, bq, bk):
         acc = np.zeros((nq, Dv), dtype=q.dtype)  # Σ_j p_ij v_j (unnormalised)
         m = np.full(nq, -np.inf, dtype=q.dtype)  # running max per row
         l = np.zeros(nq, dtype=q.dtype)  # running normaliser per row
-        ncols = np.empty(nq, dtype=np.int64)
-        alpha = np.empty(nq, dtype=q.dtype)
-        lanes = np.empty(N_LANES, dtype=q.dtype)
-        # causal block skipping: the last query of the tile is q1 − 1, so keys ≥ q1 are never needed
-        k_end = min(S, q1) if causal else S
+        scratch = np.empty(bk, dtype=q.dtype)  # the exp's rounded exponents, one row at a time
+        # causal block skipping: the last query of the tile is q1 − 1, so keys ≥ q1 + off are never needed
+        k_end = min(S, q1 + off) if causal else S
         for k0 in range(0, k_end, bk):
             k1 = min(k0 + bk, k_end)
             # s = q kᵀ·scale, running max, rescale, p = exp(s − m), l and acc += P V  (see online_softmax_tile)
-            online_softmax_tile(qs, k[bh, k0:k1], v[bh, k0:k1], q0, k0, causal, m, l, acc, ncols, alpha, lanes)
+            # (the causal limit j ≤ i + off is the top-left one of a query tile starting at q0 + off)
+            online_softmax_tile(qs, k[bh, k0:k1], v[bh, k0:k1], q0 + off, k0, causal, m, l, acc, scratch)
         for i in range(nq):
             inv = 1.0 / l[i]
             for d in range(Dv):
@@ -197,35 +174,8 @@ def _attention_numba_kernel(q, k, v, out, lse, scale, causal, bq, bk):
             lse[bh, q0 + i] = m[i] + math.log(l[i])
 
 
-@njit(cache=True, nogil=True, inline="always")
-def recompute_tile(qt, dot, kt, vt, shift, delta_bh, q0, k0, causal, ncols):
-    """One (query tile, key tile) of the backward: ``(p, ds)`` with the weights recomputed from the lse.
-
-    ``qt`` = scale · q rows ``q0 …``, ``dot`` = their dout rows, ``kt``/``vt`` key rows ``k0 …``; ``shift[i]`` =
-    lse of query row ``q0 + i``; ``delta_bh`` = δ of every row of this batch·head. ``ncols`` is scratch (≥ nq).
-    Shared by the dense (this module) and block-sparse (``block_sparse.py``) backward kernels.
-    """
-    nq = qt.shape[0]
-    nk = kt.shape[0]
-    for i in range(nq):
-        lim = nk
-        if causal:
-            lim = max(0, min(nk, q0 + i - k0 + 1))  # keys j ≤ i only
-        ncols[i] = lim
-    # p_ij = exp(s_ij − lse_i)                                            (nq, nk), recomputed
-    p = np.dot(qt, kt.T)
-    exp_rows(p, shift, ncols)
-    # dS_ij = p_ij (dP_ij − δ_i),  dP = dout Vᵀ                           (written over dP)
-    ds = np.dot(dot, vt.T)
-    for i in range(nq):
-        di = delta_bh[q0 + i]
-        for j in range(nk):
-            ds[i, j] = p[i, j] * (ds[i, j] - di)
-    return p, ds
-
-
 @njit(parallel=True, fastmath=False, cache=True, nogil=True)
-def _attention_bwd_dkdv_kernel(q, k, v, dout, lse, delta, dk, dv, scale, causal, bq, bk):
+def _attention_bwd_dkdv_kernel(q, k, v, dout, lse, delta, dk, dv, scale, causal, bq, bk, off):
     # sweep 1: one job per (batch·head, key tile); dK and dV of the tile accumulate privately
     BH, T, D = q.shape
     S = k.shape[1]
@@ -239,19 +189,19 @@ def _attention_bwd_dkdv_kernel(q, k, v, dout, lse, delta, dk, dv, scale, causal,
         kt = k[bh, k0:k1]
         vt = v[bh, k0:k1]
         dk_acc = np.zeros((nk, D), dtype=q.dtype)
+        scratch = np.empty(nk, dtype=q.dtype)
         dv_acc = np.zeros((nk, Dv), dtype=q.dtype)
-        # causal block skipping: queries i < k0 see none of these keys; start at the tile holding query k0
-        q_start = (k0 // bq) * bq if causal else 0
+        # causal block skipping: queries i < k0 − off see none of these keys; start at the tile holding k0 − off
+        q_start = (max(0, k0 - off) // bq) * bq if causal else 0
         for q0 in range(q_start, T, bq):
             q1 = min(q0 + bq, T)
             nq = q1 - q0
             qt = q[bh, q0:q1] * scale  # (nq, D)
             dot = dout[bh, q0:q1]  # (nq, Dv)
-            ncols = np.empty(nq, dtype=np.int64)
             shift = np.empty(nq, dtype=q.dtype)
             for i in range(nq):
                 shift[i] = lse[bh, q0 + i]
-            p, ds = recompute_tile(qt, dot, kt, vt, shift, delta[bh], q0, k0, causal, ncols)
+            p, ds = recompute_tile(qt, dot, kt, vt, shift, delta[bh], q0, k0, causal, scratch, off)
             # dV_j += Σ_i p_ij dout_i ;  dK_j += Σ_i dS_ij (scale · q_i)
             dv_acc += np.dot(p.T, dot)
             dk_acc += np.dot(ds.T, qt)
@@ -260,7 +210,7 @@ def _attention_bwd_dkdv_kernel(q, k, v, dout, lse, delta, dk, dv, scale, causal,
 
 
 @njit(parallel=True, fastmath=False, cache=True, nogil=True)
-def _attention_bwd_dq_kernel(q, k, v, dout, lse, delta, dq, scale, causal, bq, bk):
+def _attention_bwd_dq_kernel(q, k, v, dout, lse, delta, dq, scale, causal, bq, bk, off):
     # sweep 2: one job per (batch·head, query tile); dQ of the tile accumulates privately
     BH, T, D = q.shape
     S = k.shape[1]
@@ -273,14 +223,14 @@ def _attention_bwd_dq_kernel(q, k, v, dout, lse, delta, dq, scale, causal, bq, b
         qt = q[bh, q0:q1] * scale
         dot = dout[bh, q0:q1]
         dq_acc = np.zeros((nq, D), dtype=q.dtype)
-        ncols = np.empty(nq, dtype=np.int64)
+        scratch = np.empty(bk, dtype=q.dtype)
         shift = np.empty(nq, dtype=q.dtype)
         for i in range(nq):
             shift[i] = lse[bh, q0 + i]
-        k_end = min(S, q1) if causal else S
+        k_end = min(S, q1 + off) if causal else S
         for k0 in range(0, k_end, bk):
             k1 = min(k0 + bk, k_end)
-            _, ds = recompute_tile(qt, dot, k[bh, k0:k1], v[bh, k0:k1], shift, delta[bh], q0, k0, causal, ncols)
+            _, ds = recompute_tile(qt, dot, k[bh, k0:k1], v[bh, k0:k1], shift, delta[bh], q0, k0, causal, scratch, off)
             # dQ_i += Σ_j dS_ij k_j   (× scale below)
             dq_acc += np.dot(ds, k[bh, k0:k1])
         for i in range(nq):
@@ -288,26 +238,10 @@ def _attention_bwd_dq_kernel(q, k, v, dout, lse, delta, dq, scale, causal, bq, b
                 dq[bh, q0 + i, d] = dq_acc[i, d] * scale
 
 
-_BLAS_CONTROLLER = None
+_single_threaded_blas = single_threaded_blas  # the old private name (kept for old imports)
 
 
-def _single_threaded_blas():
-    """A context in which BLAS runs on one thread.
-
-    The numba kernel is already parallel over (head, query tile) jobs. If each job's np.dot also spawned
-    OpenBLAS threads, 2 numba threads × 2 BLAS threads would fight for 2 cores (and OpenBLAS, seeing an OpenMP
-    parallel region, prints "Detect OpenMP Loop" and slows down 3–5×). So: parallelism across tiles, one BLAS
-    thread inside each — measured as the fastest combination (``python -m effedu.bench attention``).
-    """
-    global _BLAS_CONTROLLER
-    from threadpoolctl import ThreadpoolController
-
-    if _BLAS_CONTROLLER is None:
-        _BLAS_CONTROLLER = ThreadpoolController()
-    return _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
-
-
-def attention_numba(q, k, v, *, causal=False, scale=1.0, block_size=256):
+def attention_numba(q, k, v, *, causal=False, scale=1.0, block_size=256, off=0):
     """numba tiled attention on CPU tensors (float32/float64); returns ``(out, lse)`` as torch tensors."""
     B, H, T, D = q.shape
     S, Dv = k.shape[2], v.shape[3]
@@ -320,12 +254,13 @@ def attention_numba(q, k, v, *, causal=False, scale=1.0, block_size=256):
     lse = torch.empty((B * H, T), dtype=q.dtype)
     bq = min(block_size, T)
     bk = min(block_size, S)
-    with _single_threaded_blas():
-        _attention_numba_kernel(qn, kn, vn, out.numpy(), lse.numpy(), qn.dtype.type(scale), bool(causal), bq, bk)
+    with single_threaded_blas():
+        _attention_numba_kernel(qn, kn, vn, out.numpy(), lse.numpy(), qn.dtype.type(scale), bool(causal), bq, bk,
+                                int(off))
     return out.reshape(B, H, T, Dv), lse.reshape(B, H, T)
 
 
-def attention_backward_numba(q, k, v, out, lse, dout, *, causal=False, scale=1.0, block_size=256):
+def attention_backward_numba(q, k, v, out, lse, dout, *, causal=False, scale=1.0, block_size=256, off=0):
     """numba backward (two sweeps, see the module docstring); returns ``(dq, dk, dv)`` as torch tensors."""
     B, H, T, D = q.shape
     S, Dv = k.shape[2], v.shape[3]
@@ -340,10 +275,11 @@ def attention_backward_numba(q, k, v, out, lse, dout, *, causal=False, scale=1.0
     dv = torch.empty((B * H, S, Dv), dtype=q.dtype)
     bq, bk = min(block_size, T), min(block_size, S)
     sc = qn.dtype.type(scale)
-    with _single_threaded_blas():
+    with single_threaded_blas():
         _attention_bwd_dkdv_kernel(qn, kn, vn, do.numpy(), lse_n, delta.numpy(), dk.numpy(), dv.numpy(), sc,
-                                   bool(causal), bq, bk)
-        _attention_bwd_dq_kernel(qn, kn, vn, do.numpy(), lse_n, delta.numpy(), dq.numpy(), sc, bool(causal), bq, bk)
+                                   bool(causal), bq, bk, int(off))
+        _attention_bwd_dq_kernel(qn, kn, vn, do.numpy(), lse_n, delta.numpy(), dq.numpy(), sc, bool(causal), bq, bk,
+                                 int(off))
     return dq.reshape(B, H, T, D), dk.reshape(B, H, S, D), dv.reshape(B, H, S, Dv)
 
 
@@ -351,7 +287,8 @@ def numba_workspace_bytes(T, S, D, Dv, *, block_size=256, itemsize=4, n_threads=
     """Bytes the numba kernel allocates internally at most (numba's own allocator: no profiler sees them).
 
     Per worker thread, one job at a time: the scaled query tile (Bq·D), the accumulator (Bq·Dv), the score
-    tile that np.dot returns (Bq·Bk, at most two alive while the next one is made) and five row vectors.
+    tile that np.dot returns (Bq·Bk, at most two alive while the next one is made), three row vectors and the
+    exp's scratch row (Bk).
     ``backward=True``: the larger of the two backward sweeps (key sweep: a scaled Q tile, private dK and dV
     accumulators, the P and dP tiles; query sweep: Q tile, dQ accumulator, P and dP).
     Independent of T and S beyond one tile: that is the point of tiling.
@@ -361,11 +298,11 @@ def numba_workspace_bytes(T, S, D, Dv, *, block_size=256, itemsize=4, n_threads=
     n_threads = get_num_threads() if n_threads is None else n_threads
     bq, bk = min(block_size, T), min(block_size, S)
     if backward:
-        key_sweep = bq * D + bk * (D + Dv) + 2 * bq * bk + 2 * bq
-        query_sweep = 2 * bq * D + 2 * bq * bk + 3 * bq
+        key_sweep = bq * D + bk * (D + Dv) + 2 * bq * bk + 2 * bq + bk
+        query_sweep = 2 * bq * D + 2 * bq * bk + 2 * bq + bk
         per_job = max(key_sweep, query_sweep) * itemsize
     else:
-        per_job = (bq * D + bq * Dv + 2 * bq * bk + 5 * bq + N_LANES) * itemsize
+        per_job = (bq * D + bq * Dv + 2 * bq * bk + 3 * bq + bk) * itemsize
     return n_threads * per_job
 
 
@@ -373,14 +310,11 @@ def numba_workspace_bytes(T, S, D, Dv, *, block_size=256, itemsize=4, n_threads=
 # numba.cuda on a GPU (and in the CUDA simulator for tests)
 # --------------------------------------------------------------------------------------------------------------
 
-CUDA_MAX_HEAD_DIM = 128  # shared-memory tiles are sized at compile time
-CUDA_STATIC_SMEM_BYTES = 48 * 1024  # static __shared__ memory a block may declare (every GPU since Fermi)
-CUDA_MAX_GRID_Y = 65535  # the grid's y (and z) extent limit; x may reach 2³¹ − 1
-_CUDA_KERNELS = {}
+# CUDA_MAX_HEAD_DIM, CUDA_STATIC_SMEM_BYTES, CUDA_MAX_GRID_Y: the limits in ``_base.py`` (re-exported here)
 
 
-def _cuda_tile_dims(np_dtype, block, D, Dv):
-    """Compile-time tile sizes ``(BK, DMAX)`` for the CUDA kernel.
+def cuda_tile_dims(np_dtype, block, D, Dv):
+    """Compile-time tile sizes ``(BK, DMAX)`` for the CUDA kernels.
 
     ``DMAX``: the head-dim capacity of the shared and local arrays, the smallest power of two ≥ max(D, Dv)
     (at least 16, at most ``CUDA_MAX_HEAD_DIM``), so a D=64 head does not pay for 128 columns.
@@ -388,16 +322,13 @@ def _cuda_tile_dims(np_dtype, block, D, Dv):
     the 48 KiB of static shared memory a block may declare (float64, block 32, D=128 would need 64 KiB and fail to
     compile for a real GPU), so BK is ``block`` halved until it fits (float64 at DMAX=128: BK=16).
     """
-    dmax = 16
-    while dmax < max(D, Dv):
-        dmax *= 2
-    itemsize = np.dtype(np_dtype).itemsize
-    bk = block
-    while bk > 8 and 2 * bk * dmax * itemsize > CUDA_STATIC_SMEM_BYTES:
-        bk //= 2
-    return bk, dmax
+    return shared_tile_dims(np_dtype, block, max(D, Dv), lambda bk, dmax: 2 * bk * dmax)
 
 
+_cuda_tile_dims = cuda_tile_dims  # the old private name
+
+
+@cached_kernels
 def _make_cuda_kernel(np_dtype, BLOCK, BK=None, DMAX=CUDA_MAX_HEAD_DIM):
     """Compile the tiled kernel for one dtype and tile shape.
 
@@ -415,7 +346,7 @@ def _make_cuda_kernel(np_dtype, BLOCK, BK=None, DMAX=CUDA_MAX_HEAD_DIM):
     NEG_INF = np_dtype(-math.inf)
 
     @cuda.jit
-    def kernel(q, k, v, out, lse, scale, causal):
+    def kernel(q, k, v, out, lse, scale, causal, off):
         # grid: (B·H, n query tiles); block: BLOCK threads, thread t owns query row q0 + t
         bh = cuda.blockIdx.x
         q0 = cuda.blockIdx.y * BLOCK
@@ -438,12 +369,12 @@ def _make_cuda_kernel(np_dtype, BLOCK, BK=None, DMAX=CUDA_MAX_HEAD_DIM):
         l = ZERO
         k_end = S
         if causal:
-            # causal block skipping: the tile's last query is min(q0 + BLOCK, T) − 1, later keys are never needed
+            # causal block skipping: the tile's last query is min(q0 + BLOCK, T) − 1, keys after it + off are never needed
             q_end = q0 + BLOCK
             if q_end > T:
                 q_end = T
-            if q_end < k_end:
-                k_end = q_end
+            if q_end + off < k_end:
+                k_end = q_end + off
         for k0 in range(0, k_end, BK):
             # stage the K and V tile in shared memory: thread t < BK loads key row k0 + t
             if t < BK:
@@ -457,8 +388,8 @@ def _make_cuda_kernel(np_dtype, BLOCK, BK=None, DMAX=CUDA_MAX_HEAD_DIM):
                 n_keys = S - k0
                 if n_keys > BK:
                     n_keys = BK
-                if causal and i - k0 + 1 < n_keys:
-                    n_keys = i - k0 + 1  # keys j ≤ i only
+                if causal and i + off - k0 + 1 < n_keys:
+                    n_keys = i + off - k0 + 1  # keys j ≤ i + off only
                 for jj in range(n_keys):
                     # s = q_i · k_j · scale
                     s = ZERO
@@ -481,6 +412,7 @@ def _make_cuda_kernel(np_dtype, BLOCK, BK=None, DMAX=CUDA_MAX_HEAD_DIM):
     return kernel
 
 
+@cached_kernels
 def _make_cuda_bwd_kernels(np_dtype, BLOCK, BK=None, DMAX=CUDA_MAX_HEAD_DIM):
     """Compile the two backward sweeps for one dtype and tile shape: ``(dkdv_kernel, dq_kernel)``.
 
@@ -497,7 +429,7 @@ def _make_cuda_bwd_kernels(np_dtype, BLOCK, BK=None, DMAX=CUDA_MAX_HEAD_DIM):
     ZERO = np_dtype(0.0)
 
     @cuda.jit
-    def dkdv_kernel(q, k, v, dout, lse, delta, dk, dv, scale, causal):
+    def dkdv_kernel(q, k, v, dout, lse, delta, dk, dv, scale, causal, off):
         bh = cuda.blockIdx.x
         k0 = cuda.blockIdx.y * BLOCK
         t = cuda.threadIdx.x
@@ -521,10 +453,10 @@ def _make_cuda_bwd_kernels(np_dtype, BLOCK, BK=None, DMAX=CUDA_MAX_HEAD_DIM):
         for d in range(Dv):
             v_row[d] = v[bh, j, d] if active else ZERO
             dv_acc[d] = ZERO
-        # causal block skipping: queries before k0 see none of this tile's keys
+        # causal block skipping: queries before k0 − off see none of this tile's keys
         q_start = 0
-        if causal:
-            q_start = (k0 // BK) * BK
+        if causal and k0 > off:
+            q_start = ((k0 - off) // BK) * BK
         for q0 in range(q_start, T, BK):
             if t < BK:
                 i_load = q0 + t
@@ -541,7 +473,7 @@ def _make_cuda_bwd_kernels(np_dtype, BLOCK, BK=None, DMAX=CUDA_MAX_HEAD_DIM):
                 if n_q > BK:
                     n_q = BK
                 for ii in range(n_q):
-                    if causal and q0 + ii < j:
+                    if causal and q0 + ii + off < j:
                         continue  # query i may not see key j
                     # p_ij = exp(q_i · k_j · scale − lse_i)
                     s = ZERO
@@ -564,7 +496,7 @@ def _make_cuda_bwd_kernels(np_dtype, BLOCK, BK=None, DMAX=CUDA_MAX_HEAD_DIM):
                 dv[bh, j, d] = dv_acc[d]
 
     @cuda.jit
-    def dq_kernel(q, k, v, dout, lse, delta, dq, scale, causal):
+    def dq_kernel(q, k, v, dout, lse, delta, dq, scale, causal, off):
         bh = cuda.blockIdx.x
         q0 = cuda.blockIdx.y * BLOCK
         t = cuda.threadIdx.x
@@ -591,8 +523,8 @@ def _make_cuda_bwd_kernels(np_dtype, BLOCK, BK=None, DMAX=CUDA_MAX_HEAD_DIM):
             q_end = q0 + BLOCK
             if q_end > T:
                 q_end = T
-            if q_end < k_end:
-                k_end = q_end
+            if q_end + off < k_end:
+                k_end = q_end + off
         for k0 in range(0, k_end, BK):
             if t < BK:
                 j_load = k0 + t
@@ -605,8 +537,8 @@ def _make_cuda_bwd_kernels(np_dtype, BLOCK, BK=None, DMAX=CUDA_MAX_HEAD_DIM):
                 n_keys = S - k0
                 if n_keys > BK:
                     n_keys = BK
-                if causal and i - k0 + 1 < n_keys:
-                    n_keys = i - k0 + 1
+                if causal and i + off - k0 + 1 < n_keys:
+                    n_keys = i + off - k0 + 1
                 for jj in range(n_keys):
                     s = ZERO
                     for d in range(D):
@@ -635,37 +567,34 @@ def _cuda_launch_setup(q, k, v, block_size, where="attention(backend='cuda')"):
             f"got D={D}, Dv={Dv}; use backend='numba' or 'torch'"
         )
     for n, what in ((T, "T"), (S, "S")):
-        n_t = (n + block_size - 1) // block_size
-        if n_t > CUDA_MAX_GRID_Y:
-            raise ValueError(
-                f"{where}: {what}={n} needs {n_t} tiles of {block_size}, more than the grid's "
-                f"{CUDA_MAX_GRID_Y}; use a larger block_size"
-            )
-    np_dtype = np.float32 if q.dtype == torch.float32 else np.float64
-    bk, dmax = _cuda_tile_dims(np_dtype, block_size, D, Dv)
+        check_cuda_grid((n + block_size - 1) // block_size, f"{what}={n} in tiles of {block_size}", where)
+    np_dtype = np_dtype_of(q.dtype)
+    bk, dmax = cuda_tile_dims(np_dtype, block_size, D, Dv)
     return np_dtype, bk, dmax
 
 
-def _cuda_run(kernel, grid, block_size, tensors, scalars, device):
-    """Launch on the tensors' GPU (zero-copy through __cuda_array_interface__), or in the simulator on host arrays."""
-    if device.type == "cuda":
-        dev = device.index if device.index is not None else torch.cuda.current_device()
-        with cuda.gpus[dev]:  # launch on the tensors' GPU, not numba's default device 0
-            kernel[grid, block_size](*[cuda.as_cuda_array(x) for x in tensors], *scalars)
-        torch.cuda.synchronize(device)
-    else:
-        kernel[grid, block_size](*[x.numpy() for x in tensors], *scalars)
+def attention_cuda(q, k, v, *, causal=False, scale=1.0, block_size=32, off=0):
+    """numba.cuda tiled attention; CUDA tensors in and out (CPU tensors only under the simulator)."""
+    B, H, T, D = q.shape
+    S, Dv = k.shape[2], v.shape[3]
+    np_dtype, bk, dmax = _cuda_launch_setup(q, k, v, block_size)
+    kernel = _make_cuda_kernel(np_dtype, block_size, bk, dmax)
+    qc = q.detach().contiguous().reshape(B * H, T, D)
+    kc = k.detach().contiguous().reshape(B * H, S, D)
+    vc = v.detach().contiguous().reshape(B * H, S, Dv)
+    out = torch.empty((B * H, T, Dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B * H, T), dtype=q.dtype, device=q.device)
+    grid = (B * H, (T + block_size - 1) // block_size)  # B·H on x (limit 2³¹ − 1), query tiles on y (limit 65535)
+    cuda_launch(kernel, grid, block_size, (qc, kc, vc, out, lse), (np_dtype(scale), bool(causal), int(off)))
+    return out.reshape(B, H, T, Dv), lse.reshape(B, H, T)
 
 
-def attention_backward_cuda(q, k, v, out, lse, dout, *, causal=False, scale=1.0, block_size=32):
+def attention_backward_cuda(q, k, v, out, lse, dout, *, causal=False, scale=1.0, block_size=32, off=0):
     """numba.cuda backward (two sweeps); CUDA tensors in and out (CPU tensors only under the simulator)."""
     B, H, T, D = q.shape
     S, Dv = k.shape[2], v.shape[3]
     np_dtype, bk, dmax = _cuda_launch_setup(q, k, v, block_size)
-    key = ("bwd", np_dtype, block_size, bk, dmax)
-    if key not in _CUDA_KERNELS:
-        _CUDA_KERNELS[key] = _make_cuda_bwd_kernels(np_dtype, block_size, bk, dmax)
-    dkdv_kernel, dq_kernel = _CUDA_KERNELS[key]
+    dkdv_kernel, dq_kernel = _make_cuda_bwd_kernels(np_dtype, block_size, bk, dmax)
     flat = lambda x, n, d: x.detach().to(q.dtype).contiguous().reshape(B * H, n, d)  # noqa: E731
     qc, kc, vc, do = flat(q, T, D), flat(k, S, D), flat(v, S, Dv), flat(dout, T, Dv)
     delta = (do * flat(out, T, Dv)).sum(dim=-1).contiguous()  # δ_i = Σ_d dout_id out_id
@@ -673,27 +602,88 @@ def attention_backward_cuda(q, k, v, out, lse, dout, *, causal=False, scale=1.0,
     dq = torch.empty((B * H, T, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B * H, S, D), dtype=q.dtype, device=q.device)
     dv = torch.empty((B * H, S, Dv), dtype=q.dtype, device=q.device)
-    scalars = (np_dtype(scale), bool(causal))
-    _cuda_run(dkdv_kernel, (B * H, (S + block_size - 1) // block_size), block_size,
-              (qc, kc, vc, do, lse_c, delta, dk, dv), scalars, q.device)
-    _cuda_run(dq_kernel, (B * H, (T + block_size - 1) // block_size), block_size,
-              (qc, kc, vc, do, lse_c, delta, dq), scalars, q.device)
+    scalars = (np_dtype(scale), bool(causal), int(off))
+    cuda_launch(dkdv_kernel, (B * H, (S + block_size - 1) // block_size), block_size,
+                (qc, kc, vc, do, lse_c, delta, dk, dv), scalars)
+    cuda_launch(dq_kernel, (B * H, (T + block_size - 1) // block_size), block_size,
+                (qc, kc, vc, do, lse_c, delta, dq), scalars)
     return dq.reshape(B, H, T, D), dk.reshape(B, H, S, D), dv.reshape(B, H, S, Dv)
 
 
-def attention_cuda(q, k, v, *, causal=False, scale=1.0, block_size=32):
-    """numba.cuda tiled attention; CUDA tensors in and out (CPU tensors only under the simulator)."""
-    B, H, T, D = q.shape
-    S, Dv = k.shape[2], v.shape[3]
-    np_dtype, bk, dmax = _cuda_launch_setup(q, k, v, block_size)
-    key = (np_dtype, block_size, bk, dmax)
-    if key not in _CUDA_KERNELS:
-        _CUDA_KERNELS[key] = _make_cuda_kernel(np_dtype, block_size, bk, dmax)
-    qc = q.detach().contiguous().reshape(B * H, T, D)
-    kc = k.detach().contiguous().reshape(B * H, S, D)
-    vc = v.detach().contiguous().reshape(B * H, S, Dv)
-    out = torch.empty((B * H, T, Dv), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B * H, T), dtype=q.dtype, device=q.device)
-    grid = (B * H, (T + block_size - 1) // block_size)  # B·H on x (limit 2³¹ − 1), query tiles on y (limit 65535)
-    _cuda_run(_CUDA_KERNELS[key], grid, block_size, (qc, kc, vc, out, lse), (np_dtype(scale), bool(causal)), q.device)
-    return out.reshape(B, H, T, Dv), lse.reshape(B, H, T)
+# --------------------------------------------------------------------------------------------------------------
+# the public entry point (re-exported as effedu.kernels.attention)
+# --------------------------------------------------------------------------------------------------------------
+
+DEFAULT_BLOCK = {"torch": 256, "numba": 256, "cuda": 32}
+CAUSAL_ALIGNS = ("top_left", "bottom_right")
+
+
+def attention_torch_aligned(q, k, v, *, causal=False, scale=1.0, block_size=256, off=0):
+    """:func:`attention_torch` with the causal diagonal moved by ``off``: ``off`` empty queries in front, then the
+    top-left mask, then those rows dropped (query i of q becomes row i + off: it sees keys j ≤ i + off)."""
+    if off == 0:
+        return attention_torch(q, k, v, causal=causal, scale=scale, block_size=block_size)
+    out, lse = attention_torch(_pad_rows(q, off), k, v, causal=causal, scale=scale, block_size=block_size)
+    return out[:, :, off:], lse[:, :, off:]
+
+
+def attention_backward_torch_aligned(q, k, v, out, lse, dout, *, causal=False, scale=1.0, block_size=256, off=0):
+    """:func:`attention_backward_torch` for a diagonal moved by ``off``. The padded rows get dout = 0, so δ = 0,
+    dS = 0 and they add nothing to dK, dV (their lse is set to 0: any finite value does)."""
+    if off == 0:
+        return attention_backward_torch(q, k, v, out, lse, dout, causal=causal, scale=scale, block_size=block_size)
+    dq, dk, dv = attention_backward_torch(_pad_rows(q, off), k, v, _pad_rows(out, off), _pad_rows(lse, off),
+                                          _pad_rows(dout, off), causal=causal, scale=scale, block_size=block_size)
+    return dq[:, :, off:], dk, dv
+
+
+def _pad_rows(x, n):
+    # n zero rows in front of the position axis (dim 2) of a (B, H, T, ·) or (B, H, T) tensor
+    return torch.cat([x.new_zeros(x.shape[:2] + (n,) + x.shape[3:]), x], dim=2)
+
+
+ATTENTION_FORWARD = {"torch": attention_torch_aligned, "numba": attention_numba, "cuda": attention_cuda}
+ATTENTION_BACKWARD = {"torch": attention_backward_torch_aligned, "numba": attention_backward_numba,
+                      "cuda": attention_backward_cuda}
+
+
+def attention(q, k, v, *, causal=False, scale=None, backend="auto", block_size=None, return_lse=False,
+              causal_align="top_left"):
+    """Exact softmax attention, tiled (online softmax): never materialises the T×S score matrix.
+
+    q ``(B, H, T, D)``, k ``(B, H, S, D)``, v ``(B, H, S, Dv)`` → ``(B, H, T, Dv)`` in q's dtype.
+    ``causal``: query i attends to keys j ≤ i (top-left aligned, as SDPA). ``scale`` defaults to 1/√D.
+    ``causal_align="bottom_right"``: the diagonal aligned to the end, keys j ≤ i + S − T (queries are the last T
+    of S positions, as torch's ``causal_lower_right``; needs S ≥ T).
+    ``block_size``: tile edge (queries and keys per tile); defaults 256 (torch, numba) and 32 (cuda).
+    ``return_lse=True`` also returns the per-row log-sum-exp ``(B, H, T)`` (not differentiable).
+
+    Differentiable on every backend: the backward recomputes the weights tile by tile from the saved
+    log-sum-exp (numba and CUDA backward kernels; torch ops for ``"torch"``), so training memory is O(T·D) too.
+    """
+    where = "attention"
+    B, H, T, S, D, Dv = check_qkv(q, k, v, where=where)
+    scale = check_scale(scale, D, where)
+    if not isinstance(causal, bool):
+        raise TypeError(f"{where}: causal must be a bool, got {type(causal).__name__}")
+    if causal_align not in CAUSAL_ALIGNS:
+        raise ValueError(f"{where}: causal_align must be 'top_left' or 'bottom_right', got {causal_align!r}")
+    off = S - T if causal and causal_align == "bottom_right" else 0
+    if off < 0:
+        raise ValueError(f"{where}: causal_align='bottom_right' needs at least as many keys as queries (S ≥ T), "
+                         f"got T={T}, S={S}: the first {T - S} queries would see no key")
+    name = resolve_backend(backend, q.device, q.dtype, where)
+    if block_size is None:
+        block_size = DEFAULT_BLOCK[name]
+    check_positive_int(block_size, "block_size", where)
+    if name == "cuda" and block_size not in CUDA_BLOCK_SIZES:
+        raise ValueError(f"{where}: block_size for backend 'cuda' must be one of 8, 16, 32, 64, 128 (threads per block), got {block_size}")
+    out, lse = apply_kernel(ATTENTION_FORWARD[name], ATTENTION_BACKWARD[name], (q, k, v), causal=causal,
+                            scale=float(scale), block_size=block_size, off=off)
+    return (out, lse) if return_lse else out
+
+
+__all__ = ["attention", "attention_torch", "attention_backward_torch", "attention_numba", "attention_backward_numba",
+           "attention_cuda", "attention_backward_cuda", "attention_torch_aligned", "attention_backward_torch_aligned",
+           "numba_workspace_bytes", "cuda_tile_dims", "online_softmax_tile", "recompute_tile", "DEFAULT_BLOCK",
+           "CAUSAL_ALIGNS", "CUDA_MAX_HEAD_DIM", "CUDA_STATIC_SMEM_BYTES", "CUDA_MAX_GRID_Y"]

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from effedu import kernels
+from effedu.kernels import _base
 from effedu.kernels import tiled_attention as ta
 
 pytestmark = pytest.mark.cudasim
@@ -55,7 +56,7 @@ def test_causal_t_ne_s_and_d_ne_dv(T, S):
 
 def test_key_tile_smaller_than_query_tile(monkeypatch):
     # wide float64 heads shrink the streamed tile below the block on a GPU; force it at simulator sizes
-    monkeypatch.setattr(ta, "CUDA_STATIC_SMEM_BYTES", 2 * 8 * 16 * 8)
+    monkeypatch.setattr(_base, "CUDA_STATIC_SMEM_BYTES", 2 * 8 * 16 * 8)
     assert ta._cuda_tile_dims(np.float64, 16, 16, 16) == (8, 16)
     q, k, v = _qkv(1, 1, 19, 21, 16, 16, torch.float64, seed=2)
     _check(q, k, v, block_size=16)
@@ -75,3 +76,17 @@ def test_agrees_with_numba_backward():
     b = _grads(lambda *x: kernels.attention(*x, causal=True, backend="numba", block_size=8), q, k, v, dout)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("T, S", [(3, 13), (8, 8)])
+def test_bottom_right_forward_and_backward(T, S):
+    # keys longer than queries, causal diagonal aligned to the end (j ≤ i + S − T): against SDPA with that mask
+    q, k, v = _qkv(1, 1, T, S, 4, 3, torch.float64, seed=T + S)
+    g = torch.Generator().manual_seed(5)
+    dout = torch.randn(1, 1, T, 3, generator=g, dtype=torch.float64)
+    mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)
+    got = _grads(lambda a, b, c: kernels.attention(a, b, c, causal=True, causal_align="bottom_right", backend="cuda",
+                                                    block_size=8), q, k, v, dout)
+    ref = _grads(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=mask), q, k, v, dout)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+        torch.testing.assert_close(a, b, **TOL[torch.float64], msg=lambda m: f"{name}: {m}")

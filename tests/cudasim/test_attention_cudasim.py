@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from effedu import kernels
+from effedu.kernels import _base
 from effedu.kernels import tiled_attention as ta
 
 pytestmark = pytest.mark.cudasim
@@ -138,7 +139,7 @@ def test_non_contiguous_inputs(dtype):
 def test_key_tile_smaller_than_query_tile(monkeypatch):
     # On a GPU the K/V tiles must fit 48 KiB of static shared memory, so wide float64 heads get a key tile BK
     # smaller than the query tile. Shrink the budget so that path runs at simulator sizes: block 16, BK 8.
-    monkeypatch.setattr(ta, "CUDA_STATIC_SMEM_BYTES", 2 * 8 * 16 * 8)
+    monkeypatch.setattr(_base, "CUDA_STATIC_SMEM_BYTES", 2 * 8 * 16 * 8)
     assert ta._cuda_tile_dims(np.float64, 16, 16, 16) == (8, 16)
     q, k, v = _qkv(1, 2, 19, 21, 16, 16, torch.float64, seed=8)
     _check(q, k, v, block_size=16)

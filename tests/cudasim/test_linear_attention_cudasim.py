@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from effedu import kernels
+from effedu.kernels import _base
 from effedu.attention.kernelized import linear_attention_naive
 from effedu.kernels import linear_attention as la
 
@@ -92,7 +93,7 @@ def test_default_thread_count_and_chunk(monkeypatch):
 
 def test_chunk_shrinks_to_fit_shared_memory(monkeypatch):
     # on a GPU, wide float64 features shrink the chunk to fit 48 KiB; force that at simulator sizes
-    monkeypatch.setattr(la, "CUDA_STATIC_SMEM_BYTES", (2 * 4 * 16 + 4 * 4) * 8)
+    monkeypatch.setattr(_base, "CUDA_STATIC_SMEM_BYTES", (2 * 4 * 16 + 4 * 4) * 8)
     assert la._cuda_dims(np.float64, 16, 16) == (4, 16)
     a, b, v = _features(1, 2, 10, 16, 3, torch.float64, seed=6)
     out = kernels.causal_linear_attention(a, b, v, backend="cuda", chunk_size=16)
