@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from effedu import attention, bench, kernels
+from effedu import attention, kernels
 from effedu.attention import sparse as sp
 from effedu.attention.dense import softmax_attention
 from effedu.data import make_task
@@ -499,30 +499,3 @@ def test_model_trains_with_each_variant(name, kwargs):
     cfg = TransformerConfig(vocab_size=32, d_model=32, n_heads=2, n_layers=2, d_ff=64, max_len=64,
                             attention=name, attention_kwargs=kwargs)
     _loss_falls(cfg)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# benchmark
-# ------------------------------------------------------------------------------------------------------------
-
-
-def test_bench_is_discovered_and_reports_the_target(monkeypatch):
-    assert bench.discover()["sparse"] is sp.bench_sparse
-    # the table's shape on tiny sizes; timings are never asserted, so the meters run each path once
-    import effedu.measure as measure
-
-    calls = []
-
-    def once(fn, *args, **kw):
-        fn(*args)
-        calls.append(1)
-        return 1e-3
-
-    monkeypatch.setattr(measure, "time_it", once)
-    monkeypatch.setattr(measure, "peak_memory", lambda fn, *args: (2**20, fn(*args)))
-    table = sp.sparse_bench_table([32, 48], threads=1, H=1, D=8, block_size=16, window=16, global_blocks=1,
-                                  skip_masked=(48,))
-    assert "target: block-sparse ≥ 5× faster than dense SDPA at n=8192 → at n=48: forward 1.0×" in table
-    rows = [ln for ln in table.splitlines() if ln.lstrip().startswith(("32 ", "48 "))]
-    assert len(rows) == 2 and "—" in rows[1] and "—" not in rows[0]
-    assert len(calls) == 2 * 3 + 2 * 2  # forward and forward+backward of 3 paths, then of 2 (masked skipped)

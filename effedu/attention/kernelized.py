@@ -39,33 +39,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._checks import check_positive_int, check_qkv, check_scale
-from ..kernels.linear_attention import DEFAULT_EPS, _check_eps, causal_linear_attention
+from ..kernels.linear_attention import DEFAULT_EPS, causal_linear_attention, check_eps
 from . import register
 
 # --------------------------------------------------------------------------------------------------------------
-# helpers
+# the feature map of linear attention
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _check_causal(causal, where):
-    if not isinstance(causal, bool):
-        raise TypeError(f"{where}: causal must be a bool, got {type(causal).__name__}")
-
-
-def _refuse_weights(return_weights, where):
-    if return_weights:
-        raise ValueError(
-            f"{where}: return_weights=True would need the T×S matrix this attention exists to avoid; use "
-            f"linear_attention_naive / performer_weights to look at it, or attention='dense'"
-        )
-
-
-def _refuse_mask(mask, where):
-    if mask is not None:
-        raise ValueError(
-            f"{where}: an arbitrary mask is not supported: kernel attention never forms the T×S matrix a mask would "
-            f"apply to (only causal=True, built into the prefix sums); use attention='dense' for masks"
-        )
 
 
 def elu_feature_map(x):
@@ -86,7 +65,7 @@ def linear_attention_naive(phi_q, phi_k, v, *, causal=False, eps=DEFAULT_EPS):
     where = "linear_attention_naive"
     B, H, T, S, M, Dv = check_qkv(phi_q, phi_k, v, where=where)
     _check_causal(causal, where)
-    eps = _check_eps(eps, where)
+    eps = check_eps(eps, where)
     # A_ij = φ(q_i)·φ(k_j)                                                             (B, H, T, S)
     A = phi_q @ phi_k.transpose(-2, -1)
     if causal:
@@ -135,7 +114,7 @@ def linear_attention(q, k, v, *, causal=False, mask=None, eps=DEFAULT_EPS, backe
     _check_causal(causal, where)
     _refuse_mask(mask, where)
     _refuse_weights(return_weights, where)
-    eps = _check_eps(eps, where)
+    eps = check_eps(eps, where)
     return _kernel_attention(elu_feature_map(q), elu_feature_map(k), v, causal, eps, backend, chunk_size, where)
 
 
@@ -154,7 +133,7 @@ class RecurrentLinearAttention:
             raise TypeError(f"RecurrentLinearAttention: feature_map must be callable or None, "
                             f"got {type(feature_map).__name__}")
         self.feature_map = feature_map
-        self.eps = _check_eps(eps, "RecurrentLinearAttention")
+        self.eps = check_eps(eps, "RecurrentLinearAttention")
         self.reset()
 
     def reset(self):
@@ -305,7 +284,7 @@ def performer_attention(q, k, v, *, causal=False, mask=None, n_features=None, or
     _check_causal(causal, where)
     _refuse_mask(mask, where)
     _refuse_weights(return_weights, where)
-    eps = _check_eps(eps, where)
+    eps = check_eps(eps, where)
     if projection is None:
         m = default_n_features(D) if n_features is None else check_positive_int(n_features, "n_features", where)
         projection = gaussian_projection(m, D, orthogonal=orthogonal, seed=seed, dtype=q.dtype, device=q.device)
@@ -486,104 +465,33 @@ def clustered_attention(q, k, v, *, causal=False, mask=None, n_clusters=16, iter
 
 
 # --------------------------------------------------------------------------------------------------------------
-# benchmark: python -m effedu.bench kernelized
+# plumbing: the input checks the functions above call
 # --------------------------------------------------------------------------------------------------------------
 
 
-def bench_kernelized(args):
-    """Kernel attention vs SDPA: causal linear (numba prefix sums), non-causal linear and Performer; fwd, fwd+bwd."""
-    import sys
-
-    import numba
-
-    from ..kernels.linear_attention import numba_workspace_bytes
-    from ..measure import peak_memory, time_it
-
-    threads = args.threads
-    torch.set_num_threads(threads)
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    B, H, D = 1, 8, 64
-    m = default_n_features(D)
-    ns = [256, 512] if args.quick else [512, 1024, 2048, 4096, 8192]
-    gen = torch.Generator().manual_seed(0)
-    proj = gaussian_projection(m, D, seed=0)
-    paths = {
-        "sdpa causal": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-        "linear causal": lambda q, k, v: linear_attention(q, k, v, causal=True, backend="numba"),
-        "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
-        "linear": lambda q, k, v: linear_attention(q, k, v),
-        "performer": lambda q, k, v: performer_attention(q, k, v, projection=proj),
-    }
-
-    def fwd_bwd(fn):
-        def run(q, k, v):
-            q.grad = k.grad = v.grad = None
-            fn(q, k, v).sum().backward()
-        return run
-
-    rows = {}
-    for n in ns:
-        q, k, v = (torch.randn(B, H, n, D, generator=gen) for _ in range(3))
-        qg, kg, vg = (x.clone().requires_grad_(True) for x in (q, k, v))
-        repeat = 3 if n >= 4096 else 5
-        t, tb, mem = {}, {}, {}
-        for name, fn in paths.items():
-            with torch.no_grad():
-                t[name] = time_it(fn, q, k, v, warmup=1, repeat=repeat)
-            tb[name] = time_it(fwd_bwd(fn), qg, kg, vg, warmup=1, repeat=repeat)
-            mem[name], _ = peak_memory(fwd_bwd(fn), qg, kg, vg)
-        mem["linear causal"] += numba_workspace_bytes(n, D, D, backward=True)
-        rows[n] = (t, tb, mem)
-        sys.stdout.flush()
-
-    def r(a, b):
-        return f"{a / b:5.2f}×"
-
-    lines = [f"kernel attention, B={B} H={H} D={D} float32, {threads} threads (torch + numba); ratio = time / SDPA "
-             f"time in the same run (< 1: faster than SDPA); Performer m={m} features (d·ln d)", "",
-             "causal (decoder): SDPA(is_causal=True) vs linear attention, elu+1, numba prefix-sum kernel",
-             f"{'n':>6} | {'SDPA fwd ms':>11} {'linear fwd':>10} {'ratio':>6} | {'SDPA f+b ms':>11} {'linear f+b':>10} "
-             f"{'ratio':>6} || peak extra MiB f+b: {'SDPA':>7} {'linear':>7}"]
-    lines.append("-" * len(lines[-1]))
-    for n, (t, tb, mem) in rows.items():
-        a, b = "sdpa causal", "linear causal"
-        lines.append(f"{n:>6} | {t[a] * 1e3:11.1f} {t[b] * 1e3:10.1f} {r(t[b], t[a]):>6} | {tb[a] * 1e3:11.1f} "
-                     f"{tb[b] * 1e3:10.1f} {r(tb[b], tb[a]):>6} || {'':>19} {mem[a] / 2**20:7.1f} "
-                     f"{mem[b] / 2**20:7.1f}")
-    lines += ["", "non-causal (encoder): SDPA vs linear attention (two products) vs Performer FAVOR+",
-              f"{'n':>6} | {'SDPA fwd ms':>11} {'linear':>8} {'ratio':>6} {'Performer':>9} {'ratio':>6} | "
-              f"{'SDPA f+b ms':>11} {'linear':>8} {'ratio':>6} {'Performer':>9} {'ratio':>6} || peak MiB f+b: "
-              f"{'SDPA':>7} {'linear':>7} {'Perf.':>7}"]
-    lines.append("-" * len(lines[-1]))
-    for n, (t, tb, mem) in rows.items():
-        lines.append(f"{n:>6} | {t['sdpa'] * 1e3:11.1f} {t['linear'] * 1e3:8.1f} {r(t['linear'], t['sdpa']):>6} "
-                     f"{t['performer'] * 1e3:9.1f} {r(t['performer'], t['sdpa']):>6} | {tb['sdpa'] * 1e3:11.1f} "
-                     f"{tb['linear'] * 1e3:8.1f} {r(tb['linear'], tb['sdpa']):>6} {tb['performer'] * 1e3:9.1f} "
-                     f"{r(tb['performer'], tb['sdpa']):>6} || {'':>13} {mem['sdpa'] / 2**20:7.1f} "
-                     f"{mem['linear'] / 2**20:7.1f} {mem['performer'] / 2**20:7.1f}")
-    big = [n for n in rows if n >= 2048]
-    lines.append("")
-    if big:
-        fw = [rows[n][0]["sdpa causal"] / rows[n][0]["linear causal"] for n in big]
-        fb = [rows[n][1]["sdpa causal"] / rows[n][1]["linear causal"] for n in big]
-        ok_f, ok_b = all(x > 1 for x in fw), all(x > 1 for x in fb)
-        lines.append(f"target: causal linear attention faster than causal SDPA from n = 2048 on → forward "
-                     f"{'yes' if ok_f else 'NO'} ({min(fw):.1f}–{max(fw):.1f}× faster), forward+backward "
-                     f"{'yes' if ok_b else 'NO'} ({min(fb):.1f}–{max(fb):.1f}× faster) for n = {big[0]}…{big[-1]}")
-    for label, i in (("forward", 0), ("forward+backward", 1)):
-        # the crossover: the smallest measured n from which linear attention is faster at every larger n
-        faster = [rows[n][i]["linear causal"] < rows[n][i]["sdpa causal"] for n in ns]
-        cross = next((n for j, n in enumerate(ns) if all(faster[j:])), None)
-        lines.append(f"crossover (causal {label}): linear attention is faster from n = {cross} on (smallest n "
-                     f"measured: {ns[0]})" if cross else f"crossover (causal {label}): not reached in the measured range")
-    lines.append("peak extra = torch allocations seen by the profiler during forward+backward (+ the numba kernels' "
-                 "own workspace: numba_workspace_bytes)")
-    return "\n".join(lines)
+def _check_causal(causal, where):
+    if not isinstance(causal, bool):
+        raise TypeError(f"{where}: causal must be a bool, got {type(causal).__name__}")
 
 
-BENCHMARKS = {"kernelized": bench_kernelized}
+def _refuse_weights(return_weights, where):
+    if return_weights:
+        raise ValueError(
+            f"{where}: return_weights=True would need the T×S matrix this attention exists to avoid; use "
+            f"linear_attention_naive / performer_weights to look at it, or attention='dense'"
+        )
+
+
+def _refuse_mask(mask, where):
+    if mask is not None:
+        raise ValueError(
+            f"{where}: an arbitrary mask is not supported: kernel attention never forms the T×S matrix a mask would "
+            f"apply to (only causal=True, built into the prefix sums); use attention='dense' for masks"
+        )
+
+
+# benchmark: `python -m effedu.bench kernelized` (effedu/bench/kernelized.py)
 
 __all__ = ["elu_feature_map", "linear_attention", "linear_attention_naive", "linear_attention_recurrent",
            "RecurrentLinearAttention", "default_n_features", "gaussian_projection", "favor_features",
-           "performer_attention", "performer_weights", "PerformerAttention", "kmeans", "clustered_attention",
-           "BENCHMARKS"]
+           "performer_attention", "performer_weights", "PerformerAttention", "kmeans", "clustered_attention"]

@@ -10,8 +10,8 @@ The n×n attention matrix A = softmax(Q Kᵀ / √d) costs O(n²) time and memor
       Attention(Q, K, V) ≈ softmax(Q (E K)ᵀ / √d) · (F V)              P̄ = softmax(·): n×k,  F V: k×d
 
   The attention matrix it implies is P̄ F (n×n, rank ≤ k). E and F can be shared across heads, between keys and
-  values and across layers "with virtually no performance penalty" — the modes of chapter 04's
-  :class:`~effedu.general.sharing.SharedProjection`, reused here. Because every projected key (E K)_r = Σ_j E_rj K_j
+  values and across layers "with virtually no performance penalty" — the modes of :class:`SharedProjection`
+  (chapter 04 counts what each saves and shares it across layers). Because every projected key (E K)_r = Σ_j E_rj K_j
   mixes *all* positions, a query sees the future through every one of them: **Linformer cannot be causal** (no
   mask on the n×k scores can remove a future token from a mixture), and asking for ``causal=True`` is an error.
 
@@ -47,6 +47,9 @@ measure how close it gets.
 Shapes are batch-first ``(B, H, T, D)`` as everywhere in ``effedu.attention``. Registered variants:
 ``"linformer"``, ``"synthesizer_dense"``, ``"synthesizer_random"`` (nn.Modules with parameters, built per layer
 with ``cls(config)`` from ``config.attention_kwargs``) and ``"nystrom"`` (a function: it has no parameters).
+
+Reading order: Linformer, Nyström, Synthesizer, the SVD yardstick, tools to look at the matrices; the input
+checks every public function calls sit near the end of the file.
 """
 from __future__ import annotations
 
@@ -55,180 +58,18 @@ import math
 import torch
 import torch.nn as nn
 
-from .._checks import FLOAT_DTYPES, check_mask, check_positive_int, check_qkv, check_scale
+from .._checks import FLOAT_DTYPES, check_bool, check_choice, check_mask, check_positive_int, check_qkv, check_scale
 from . import register
 from .dense import allowed_mask, masked_softmax, softmax_attention
 
 PINV_METHODS = ("iterative", "exact", "truncated")
 DEFAULT_PINV_RTOL = 1e-2  # truncated pinv: σ_i ≤ 1 % of σ₁ counts as 0 (chapter 17, §3, compares)
-
-# --------------------------------------------------------------------------------------------------------------
-# small shared pieces
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _check_bool(value, name, where):
-    if not isinstance(value, bool):
-        raise TypeError(f"{where}: {name} must be a bool, got {type(value).__name__} ({value!r})")
-    return value
-
-
-def _check_seed(seed, where):
-    """``None`` → a seed drawn from torch's global generator (so each layer differs, and torch.manual_seed makes
-    it reproducible); an int ≥ 0 → that seed."""
-    if seed is None:
-        return int(torch.randint(0, 2**31 - 1, (1,)))
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"{where}: seed must be a non-negative int or None, got {seed!r}")
-    return seed
-
-
-def _no_mask(mask, method, why, where):
-    if mask is not None:
-        raise ValueError(f"{where}: mask is not supported by {method}: {why}")
-
-
-def _not_causal(causal, method, why, where):
-    _check_bool(causal, "causal", where)
-    if causal:
-        raise ValueError(f"{where}: {method} cannot be causal (causal=True): {why}")
-
-
-_LINFORMER_WHY = ("every projected key (E K)_r = Σ_j E_rj K_j and value (F V)_r mixes all n positions, future "
-                  "ones included, so a query sees future tokens through every one of the k columns and no mask "
-                  "on the n×k scores can hide them; use an encoder (causal=False), or a causal method (dense, "
-                  "local/sparse, causal linear attention)")
-_NYSTROM_WHY = ("each landmark is the mean of a segment of queries/keys, so it mixes future tokens into the "
-                "scores of every query; use an encoder (causal=False)")
-_PROJECTION_MASK_WHY = ("the keys are mixed along the sequence before the scores exist, so a (T, S) mask has no "
-                        "column to act on; zero padded keys/values before projecting instead")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# the yardstick: SVD
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _check_matrix(A, name, where):
-    if not isinstance(A, torch.Tensor):
-        raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(A).__name__}")
-    if A.dim() < 2 or A.shape[-1] == 0 or A.shape[-2] == 0:
-        raise ValueError(f"{where}: {name} must be a (…, T, S) matrix with T, S ≥ 1, got shape {tuple(A.shape)}")
-    if A.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{where}: {name} must have a floating dtype, got {A.dtype}")
-    return A
-
-
-def _check_rank(rank, top, name, where, what="min(T, S)"):
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise TypeError(f"{where}: {name} must be an int, got {type(rank).__name__}")
-    if rank <= 0 or rank > top:
-        raise ValueError(f"{where}: {name} must be in [1, {what}={top}] (k ≤ 0 or k > n has no rank-k "
-                         f"approximation), got {rank}")
-    return rank
-
-
-def singular_values(A):
-    """Singular values σ₁ ≥ σ₂ ≥ … of every matrix of ``A (…, T, S)``, in float64: ``(…, min(T, S))``."""
-    _check_matrix(A, "A", "singular_values")
-    return torch.linalg.svdvals(A.detach().double())
-
-
-def rank_k_approximation(A, rank):
-    """The best rank-k approximation of ``A (…, T, S)`` (Eckart–Young): the truncated SVD U_k Σ_k V_kᵀ."""
-    where = "rank_k_approximation"
-    _check_matrix(A, "A", where)
-    _check_rank(rank, min(A.shape[-2:]), "rank", where)
-    U, s, Vh = torch.linalg.svd(A, full_matrices=False)
-    # A_k = Σ_{i≤k} σ_i u_i v_iᵀ                                                                (…, T, S)
-    return (U[..., :rank] * s[..., None, :rank]) @ Vh[..., :rank, :]
-
-
-def best_rank_k_error(A, rank, *, norm="fro", relative=True):
-    """min over rank-k matrices M of ‖A − M‖ — the lower bound no rank-k method can beat. ``(…,)`` float64.
-
-    Eckart–Young: ‖A − A_k‖_F = (Σ_{i>k} σ_i²)^½ (``norm="fro"``), ‖A − A_k‖₂ = σ_{k+1} (``norm="spectral"``);
-    ``relative=True`` divides by ‖A‖ (‖A‖_F = (Σ σ_i²)^½, ‖A‖₂ = σ₁).
-    """
-    where = "best_rank_k_error"
-    _check_matrix(A, "A", where)
-    _check_rank(rank, min(A.shape[-2:]), "rank", where)
-    if norm not in ("fro", "spectral"):
-        raise ValueError(f"{where}: norm must be 'fro' or 'spectral', got {norm!r}")
-    _check_bool(relative, "relative", where)
-    s = singular_values(A)
-    if norm == "fro":
-        # ‖A − A_k‖_F² = Σ_{i>k} σ_i²
-        err = s[..., rank:].pow(2).sum(-1).sqrt()
-        ref = s.pow(2).sum(-1).sqrt()
-    else:
-        # ‖A − A_k‖₂ = σ_{k+1} (0 when k = min(T, S))
-        err = s[..., rank] if rank < s.shape[-1] else torch.zeros_like(s[..., 0])
-        ref = s[..., 0]
-    return err / ref.clamp_min(torch.finfo(torch.float64).tiny) if relative else err
-
-
-def approximation_error(A_hat, A, *, norm="fro", relative=True):
-    """‖Â − A‖ per matrix (``(…,)`` float64), Frobenius or spectral, relative to ‖A‖ by default."""
-    where = "approximation_error"
-    _check_matrix(A_hat, "A_hat", where)
-    _check_matrix(A, "A", where)
-    if A_hat.shape != A.shape:
-        raise ValueError(f"{where}: A_hat {tuple(A_hat.shape)} and A {tuple(A.shape)} must have the same shape")
-    if norm not in ("fro", "spectral"):
-        raise ValueError(f"{where}: norm must be 'fro' or 'spectral', got {norm!r}")
-    _check_bool(relative, "relative", where)
-    diff, A = (A_hat.detach().double() - A.detach().double()), A.detach().double()
-    ord_ = "fro" if norm == "fro" else 2
-    err = torch.linalg.matrix_norm(diff, ord=ord_)
-    ref = torch.linalg.matrix_norm(A, ord=ord_)
-    return err / ref.clamp_min(torch.finfo(torch.float64).tiny) if relative else err
-
-
-def energy_rank(A, energy=0.9):
-    """The smallest k whose top-k singular values hold ``energy`` of ‖A‖_F²: min k with Σ_{i≤k} σ_i² ≥ e Σ σ_i².
-
-    (Linformer's Figure 1 plots this cumulative spectrum for RoBERTa.) Returns an int64 tensor ``(…,)``.
-    """
-    where = "energy_rank"
-    _check_matrix(A, "A", where)
-    if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1:
-        raise ValueError(f"{where}: energy must be a number in (0, 1], got {energy!r}")
-    s2 = singular_values(A).pow(2)
-    # cumulative share of the squared singular values
-    share = s2.cumsum(-1) / s2.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-    # first index where the share reaches `energy` (a hair of slack for round-off), counted from 1
-    return (share < energy - 1e-12).sum(-1) + 1
+PROJECTION_MODES = ("none", "headwise", "key-value", "layerwise")  # Linformer's sharing of E and F
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Linformer
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _check_projection(E, name, H, S, dtype, device, where):
-    """E ``(k, n)`` or ``(H, k, n)`` with n ≥ S; returns it viewed as ``(1 or H, k, S)``."""
-    if not isinstance(E, torch.Tensor):
-        raise TypeError(f"{where}: {name} must be a (k, n) or (H, k, n) torch.Tensor, got {type(E).__name__}")
-    if E.dim() not in (2, 3):
-        raise ValueError(f"{where}: {name} must be (k, n) or (H, k, n), got shape {tuple(E.shape)}")
-    if E.dtype != dtype:
-        raise TypeError(f"{where}: {name} must have the dtype of q ({dtype}), got {E.dtype}")
-    if E.device != device:
-        raise ValueError(f"{where}: {name} must be on q's device ({device}), got {E.device}")
-    E3 = E if E.dim() == 3 else E.unsqueeze(0)
-    if E3.shape[0] not in (1, H):
-        raise ValueError(f"{where}: {name} has {E3.shape[0]} head matrices, expected 1 (shared) or H={H}")
-    k, n = E3.shape[-2:]
-    if k == 0:
-        raise ValueError(f"{where}: {name} has k=0 rows; the projected length k must be ≥ 1")
-    if n < S:
-        raise ValueError(f"{where}: {name} has n={n} columns but the sequence has S={S} keys (need n ≥ S; a "
-                         f"shorter sequence uses the first S columns, as if zero-padded to n)")
-    if k > n:
-        raise ValueError(f"{where}: {name} projects n={n} positions to k={k} > n rows; k must be in [1, n]")
-    # a sequence of S ≤ n tokens is the first S of n with zeros after them: E [x; 0] = E[:, :S] x
-    return E3[..., :S]
 
 
 def _project(E, x):
@@ -252,7 +93,7 @@ def linformer_attention(q, k, v, E, F=None, *, causal=False, mask=None, scale=No
     scale = check_scale(scale, D, where)
     _not_causal(causal, "Linformer", _LINFORMER_WHY, where)
     _no_mask(mask, "Linformer", _PROJECTION_MASK_WHY, where)
-    _check_bool(return_weights, "return_weights", where)
+    check_bool(return_weights, "return_weights", where)
     E = _check_projection(E, "E", H, S, q.dtype, q.device, where)
     F = E if F is None else _check_projection(F, "F", H, S, q.dtype, q.device, where)
     if F.shape[-2] != E.shape[-2]:
@@ -284,6 +125,93 @@ def linformer_reference(q, k, v, E, F=None, *, scale=None):
     return linformer_attention_matrix(q, k, E, F, scale=scale) @ v
 
 
+class SharedProjection(nn.Module):
+    """The k×n sequence projections of a Linformer (E for keys, F for values, per head and layer), stored with
+    the sharing ``mode`` of Wang et al. 2020, §4:
+
+    ============  =========================================================  =============
+    mode          which matrices are the same Parameter                       distinct
+    ============  =========================================================  =============
+    "none"        nothing                                                     2·L·H
+    "headwise"    E_{l,h} = E_l, F_{l,h} = F_l for all heads h                2·L
+    "key-value"   E_{l,h} = F_{l,h} = E_l                                     L
+    "layerwise"   every E and F of every head and layer is one matrix E      1
+    ============  =========================================================  =============
+
+    :meth:`matrix` gives the Parameter for ``(layer, head, which)``; :meth:`project` applies a layer's matrices to
+    per-head keys or values, ``(B, H, T, D) → (B, H, k, D)``. Initialised N(0, 1/n) so that E x keeps the scale
+    of x, from ``seed`` (a fixed generator, independent of torch's global one). :class:`LinformerAttention` uses
+    one per layer (or one for all layers); chapter 04 (:mod:`effedu.general.sharing`) counts the parameters of
+    each mode in closed form.
+    """
+
+    def __init__(self, n_layers, n_heads, seq_len, k, mode="headwise", *, seed=0):
+        super().__init__()
+        where = "SharedProjection"
+        self.n_layers = check_positive_int(n_layers, "n_layers", where)
+        self.n_heads = check_positive_int(n_heads, "n_heads", where)
+        self.seq_len = check_positive_int(seq_len, "seq_len", where)
+        self.k = check_positive_int(k, "k", where)
+        self.mode = check_choice(mode, PROJECTION_MODES, "mode", where)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"{where}: seed must be a non-negative int, got {seed!r}")
+        # which distinct matrix each (layer, head, which) uses
+        self._slot = {}
+        for layer in range(n_layers):
+            for head in range(n_heads):
+                for w, which in enumerate(("key", "value")):
+                    self._slot[(layer, head, which)] = {
+                        "none": (layer * n_heads + head) * 2 + w,
+                        "headwise": layer * 2 + w,
+                        "key-value": layer,
+                        "layerwise": 0,
+                    }[mode]
+        # distinct matrices: 2·L·H, 2·L, L or 1 (chapter 04's linformer_projection_count checks this closed form)
+        count = len(set(self._slot.values()))
+        gen = torch.Generator().manual_seed(seed)
+        # E ~ N(0, 1/n): each of the k outputs is a sum of n inputs, its variance stays that of one input
+        self.matrices = nn.ParameterList(
+            [nn.Parameter(torch.randn(k, seq_len, generator=gen) / math.sqrt(seq_len)) for _ in range(count)]
+        )
+
+    def _check_index(self, layer, head, which, where):
+        for name, value, top in (("layer", layer, self.n_layers), ("head", head, self.n_heads)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__}")
+            if not 0 <= value < top:
+                raise ValueError(f"{where}: {name} must be in [0, {top}), got {value}")
+        check_choice(which, ("key", "value"), "which", where)
+
+    def matrix(self, layer, head, which):
+        """The k×n Parameter used by ``layer``'s ``head`` for ``which`` = "key" (E) or "value" (F)."""
+        self._check_index(layer, head, which, "SharedProjection.matrix")
+        return self.matrices[self._slot[(layer, head, which)]]
+
+    def project(self, x, layer, which):
+        """E_{layer,h} x_h for every head h: x ``(B, H, T, D)`` with T ≤ n → ``(B, H, k, D)``.
+
+        A sequence shorter than n is treated as zero-padded to n: E [x; 0] = E[:, :T] x.
+        """
+        where = "SharedProjection.project"
+        self._check_index(layer, 0, which, where)
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{where}: x must be a (B, H, T, D) tensor, got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        B, H, T, D = x.shape
+        if H != self.n_heads:
+            raise ValueError(f"{where}: x has H={H} heads, the projections were made for n_heads={self.n_heads}")
+        if not 1 <= T <= self.seq_len:
+            raise ValueError(f"{where}: sequence length T={T} must be between 1 and seq_len={self.seq_len}")
+        # the layer's H matrices (the same Parameter H times when heads share), first T columns  (H, k, T)
+        E = torch.stack([self.matrix(layer, h, which)[:, :T] for h in range(H)]).to(x.dtype)
+        # (E x)_h = E_h x_h : mix the T positions into k                                        (B, H, k, D)
+        return torch.einsum("hkt,bhtd->bhkd", E, x)
+
+    def extra_repr(self):
+        return (f"n_layers={self.n_layers}, n_heads={self.n_heads}, seq_len={self.seq_len}, k={self.k}, "
+                f"mode={self.mode!r}, matrices={len(self.matrices)}")
+
+
 @register("linformer")
 class LinformerAttention(nn.Module):
     """Linformer attention with learned k×n projections, registered as ``"linformer"`` (built with ``cls(config)``).
@@ -292,8 +220,7 @@ class LinformerAttention(nn.Module):
 
     * ``rank`` — Linformer's k, the projected length, in [1, max_len] (default max_len // 4). (Not called ``k``:
       the model passes these keywords next to the keys ``k``.)
-    * ``share`` — which projections are one Parameter, the modes of
-      :class:`~effedu.general.sharing.SharedProjection`: ``"none"`` (E, F per head), ``"headwise"`` (one E and one F
+    * ``share`` — which projections are one Parameter, the modes of :class:`SharedProjection`: ``"none"`` (E, F per head), ``"headwise"`` (one E and one F
       for all heads, the default), ``"key-value"`` (E = F, shared by all heads), ``"layerwise"`` (one matrix for
       keys and values of every head *and every layer*: it needs ``projection=``, see below).
     * ``projection`` — a :class:`SharedProjection` object to use instead of making one; every layer given the same
@@ -309,8 +236,6 @@ class LinformerAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        from ..general.sharing import PROJECTION_MODES, SharedProjection
-
         where = "LinformerAttention"
         kw = dict(config.attention_kwargs)
         unknown = set(kw) - set(self.KWARGS)
@@ -320,9 +245,7 @@ class LinformerAttention(nn.Module):
         n, H = config.max_len, config.n_heads
         rank = kw.get("rank", max(1, n // 4))
         _check_rank(rank, n, "rank", where, what="max_len")
-        share = kw.get("share", "headwise")
-        if share not in PROJECTION_MODES:
-            raise ValueError(f"{where}: unknown share {share!r}; expected one of {', '.join(map(repr, PROJECTION_MODES))}")
+        share = check_choice(kw.get("share", "headwise"), PROJECTION_MODES, "share", where)
         projection = kw.get("projection")
         if projection is None:
             if share == "layerwise":
@@ -378,21 +301,18 @@ class LinformerAttention(nn.Module):
 def linformer_config(config, rank, share="headwise", *, seed=None):
     """A copy of ``config`` using Linformer attention with projected length ``rank`` and sharing mode ``share``
     (``causal`` set to False: Linformer is an encoder). For ``share="layerwise"`` one
-    :class:`~effedu.general.sharing.SharedProjection` is created and put in ``attention_kwargs``, so every layer of
+    :class:`SharedProjection` is created and put in ``attention_kwargs``, so every layer of
     ``Transformer(linformer_config(...))`` uses the same k×n matrix.
 
     ``seed=None`` draws each layer's initialisation from torch's generator (reproducible after
     ``torch.manual_seed``, different per layer); an int gives every layer that seed (equal initial matrices).
     """
-    from ..general.sharing import PROJECTION_MODES, SharedProjection
-    from ..model import TransformerConfig
-
     where = "linformer_config"
-    if not isinstance(config, TransformerConfig):
+    # any config with the TransformerConfig fields and .replace() (attention does not import the model)
+    if not all(hasattr(config, a) for a in ("replace", "max_len", "n_heads")):
         raise TypeError(f"{where}: config must be a TransformerConfig, got {type(config).__name__}")
     _check_rank(rank, config.max_len, "rank", where, what="max_len")
-    if share not in PROJECTION_MODES:
-        raise ValueError(f"{where}: unknown share {share!r}; expected one of {', '.join(map(repr, PROJECTION_MODES))}")
+    check_choice(share, PROJECTION_MODES, "share", where)
     kw = {"rank": rank, "share": share}
     if share == "layerwise":
         kw["projection"] = SharedProjection(1, config.n_heads, config.max_len, rank, "layerwise",
@@ -575,7 +495,7 @@ def nystrom_attention(q, k, v, *, landmarks=None, pinv="iterative", pinv_iters=6
     _not_causal(causal, "Nyströmformer", _NYSTROM_WHY, where)
     _no_mask(mask, "Nyströmformer", "landmarks average over segments of keys, so a (T, S) mask has no single "
              "column to act on", where)
-    _check_bool(return_weights, "return_weights", where)
+    check_bool(return_weights, "return_weights", where)
     f, a, b = _nystrom_parts(q, k, _default_landmarks(landmarks, T, S), scale, where)
     a_pinv = _pinv(a, pinv, pinv_iters, where, pinv_rtol)
     # out = F̃ (Ã⁺ (B̃ V)) — right to left, never a T×S matrix                                  (B, H, T, Dv)
@@ -609,7 +529,7 @@ def nystrom_reference(q, k, v, *, landmarks=None, pinv="exact", pinv_iters=6, pi
 
 
 def _synth_allowed(mask, causal, B, H, T, S, device, where):
-    _check_bool(causal, "causal", where)
+    check_bool(causal, "causal", where)
     mask = check_mask(mask, B, H, T, S, where=where)
     return allowed_mask(mask, causal, T, S, device)
 
@@ -741,7 +661,7 @@ class RandomSynthesizerAttention(_SynthesizerBase):
         rank = kw.get("rank")
         if rank is not None:
             _check_rank(rank, n, "rank", where, what="max_len")
-        trainable = _check_bool(kw.get("trainable", True), "trainable", where)
+        trainable = check_bool(kw.get("trainable", True), "trainable", where)
         gen = torch.Generator().manual_seed(_check_seed(kw.get("seed"), where))
         self.n_heads, self.max_len, self.rank, self.trainable = H, n, rank, trainable
         if rank is None:
@@ -773,6 +693,84 @@ class RandomSynthesizerAttention(_SynthesizerBase):
 
     def extra_repr(self):
         return f"n_heads={self.n_heads}, max_len={self.max_len}, rank={self.rank}, trainable={self.trainable}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the yardstick: SVD
+# --------------------------------------------------------------------------------------------------------------
+
+
+def singular_values(A):
+    """Singular values σ₁ ≥ σ₂ ≥ … of every matrix of ``A (…, T, S)``, in float64: ``(…, min(T, S))``."""
+    _check_matrix(A, "A", "singular_values")
+    return torch.linalg.svdvals(A.detach().double())
+
+
+def rank_k_approximation(A, rank):
+    """The best rank-k approximation of ``A (…, T, S)`` (Eckart–Young): the truncated SVD U_k Σ_k V_kᵀ."""
+    where = "rank_k_approximation"
+    _check_matrix(A, "A", where)
+    _check_rank(rank, min(A.shape[-2:]), "rank", where)
+    U, s, Vh = torch.linalg.svd(A, full_matrices=False)
+    # A_k = Σ_{i≤k} σ_i u_i v_iᵀ                                                                (…, T, S)
+    return (U[..., :rank] * s[..., None, :rank]) @ Vh[..., :rank, :]
+
+
+def best_rank_k_error(A, rank, *, norm="fro", relative=True):
+    """min over rank-k matrices M of ‖A − M‖ — the lower bound no rank-k method can beat. ``(…,)`` float64.
+
+    Eckart–Young: ‖A − A_k‖_F = (Σ_{i>k} σ_i²)^½ (``norm="fro"``), ‖A − A_k‖₂ = σ_{k+1} (``norm="spectral"``);
+    ``relative=True`` divides by ‖A‖ (‖A‖_F = (Σ σ_i²)^½, ‖A‖₂ = σ₁).
+    """
+    where = "best_rank_k_error"
+    _check_matrix(A, "A", where)
+    _check_rank(rank, min(A.shape[-2:]), "rank", where)
+    if norm not in ("fro", "spectral"):
+        raise ValueError(f"{where}: norm must be 'fro' or 'spectral', got {norm!r}")
+    check_bool(relative, "relative", where)
+    s = singular_values(A)
+    if norm == "fro":
+        # ‖A − A_k‖_F² = Σ_{i>k} σ_i²
+        err = s[..., rank:].pow(2).sum(-1).sqrt()
+        ref = s.pow(2).sum(-1).sqrt()
+    else:
+        # ‖A − A_k‖₂ = σ_{k+1} (0 when k = min(T, S))
+        err = s[..., rank] if rank < s.shape[-1] else torch.zeros_like(s[..., 0])
+        ref = s[..., 0]
+    return err / ref.clamp_min(torch.finfo(torch.float64).tiny) if relative else err
+
+
+def approximation_error(A_hat, A, *, norm="fro", relative=True):
+    """‖Â − A‖ per matrix (``(…,)`` float64), Frobenius or spectral, relative to ‖A‖ by default."""
+    where = "approximation_error"
+    _check_matrix(A_hat, "A_hat", where)
+    _check_matrix(A, "A", where)
+    if A_hat.shape != A.shape:
+        raise ValueError(f"{where}: A_hat {tuple(A_hat.shape)} and A {tuple(A.shape)} must have the same shape")
+    if norm not in ("fro", "spectral"):
+        raise ValueError(f"{where}: norm must be 'fro' or 'spectral', got {norm!r}")
+    check_bool(relative, "relative", where)
+    diff, A = (A_hat.detach().double() - A.detach().double()), A.detach().double()
+    ord_ = "fro" if norm == "fro" else 2
+    err = torch.linalg.matrix_norm(diff, ord=ord_)
+    ref = torch.linalg.matrix_norm(A, ord=ord_)
+    return err / ref.clamp_min(torch.finfo(torch.float64).tiny) if relative else err
+
+
+def energy_rank(A, energy=0.9):
+    """The smallest k whose top-k singular values hold ``energy`` of ‖A‖_F²: min k with Σ_{i≤k} σ_i² ≥ e Σ σ_i².
+
+    (Linformer's Figure 1 plots this cumulative spectrum for RoBERTa.) Returns an int64 tensor ``(…,)``.
+    """
+    where = "energy_rank"
+    _check_matrix(A, "A", where)
+    if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1:
+        raise ValueError(f"{where}: energy must be a number in (0, 1], got {energy!r}")
+    s2 = singular_values(A).pow(2)
+    # cumulative share of the squared singular values
+    share = s2.cumsum(-1) / s2.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    # first index where the share reaches `energy` (a hair of slack for round-off), counted from 1
+    return (share < energy - 1e-12).sum(-1) + 1
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -816,103 +814,93 @@ def dependence_matrix(fn, q, k, v, *, eps=1.0):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# benchmark: time and peak memory vs n
+# plumbing: the input checks the functions above call
 # --------------------------------------------------------------------------------------------------------------
 
 
-def bench_lowrank(args):
-    """Low-rank attention: Linformer (k=256) and Nyström (m=64) vs SDPA, time and peak memory vs n."""
-    import numba
-    import torch.nn.functional as Fnn
-
-    from ..measure import peak_memory, time_it
-
-    threads = args.threads
-    torch.set_num_threads(threads)
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    Bsz, H, D, K, M = 1, 8, 64, 256, 64
-    ns = getattr(args, "ns", None) or ([256, 512] if args.quick else [512, 1024, 2048, 4096, 8192])
-    materialised_max = 4096  # the dense from-scratch path needs ~3 GiB at n=8192: extrapolated there (∝ n²)
-    gen = torch.Generator().manual_seed(0)
-
-    def methods(n):
-        k_ = min(K, n)
-        E = (torch.randn(k_, n, generator=gen) / math.sqrt(n)).requires_grad_(True)
-        F_ = (torch.randn(k_, n, generator=gen) / math.sqrt(n)).requires_grad_(True)
-        out = {
-            "SDPA": lambda q, k, v: Fnn.scaled_dot_product_attention(q, k, v),
-            "Linformer": lambda q, k, v: linformer_attention(q, k, v, E, F_),
-            "Nyström": lambda q, k, v: nystrom_attention(q, k, v, landmarks=min(M, n)),
-        }
-        if n <= materialised_max:
-            out["dense (ours)"] = lambda q, k, v: softmax_attention(q, k, v)
-        return out, (E, F_)
-
-    names = ["SDPA", "Linformer", "Nyström", "dense (ours)"]
-    w = 17  # width of one "ms (ratio×)" cell
-    header = (f"{'n':>5} | " + " ".join(f"{'fwd ' + x:>{w}}" for x in names[:3]) + " | " +
-              " ".join(f"{'fwd+bwd ' + x:>{w}}" for x in names[:3]) + " || peak extra MiB, fwd+bwd: " +
-              " ".join(f"{x:>12}" for x in names))
-    lines = [f"low-rank attention, B={Bsz} H={H} D={D} float32, Linformer k={K} (headwise E, F), Nyström m={M} "
-             f"landmarks (6-step iterative pinv), {threads} threads; times in ms (ratio = time / SDPA time in the "
-             f"same run)", header, "-" * len(header)]
-    rows = {}
-    for n in ns:
-        q, k, v = (torch.randn(Bsz, H, n, D, generator=gen).requires_grad_(True) for _ in range(3))
-        grad = torch.randn(Bsz, H, n, D, generator=gen)
-        fns, params = methods(n)
-        leaves = (q, k, v) + params
-        t_f, t_b, mem = {}, {}, {}
-        repeat = 3 if n >= 4096 else 5
-        for name, fn in fns.items():
-            def fwd():
-                with torch.no_grad():
-                    return fn(q, k, v)
-
-            def fwd_bwd():
-                for x in leaves:
-                    x.grad = None
-                fn(q, k, v).backward(grad)
-
-            if name != "dense (ours)":
-                t_f[name] = time_it(fwd, warmup=1, repeat=repeat)
-                t_b[name] = time_it(fwd_bwd, warmup=1, repeat=repeat)
-            for x in leaves:
-                x.grad = None
-            mem[name], _ = peak_memory(fwd_bwd)
-        if "dense (ours)" not in mem and rows.get(materialised_max):
-            # extrapolate the materialised path's memory ∝ n² from the largest n measured
-            mem["dense (ours)"] = rows[materialised_max][2]["dense (ours)"] * (n / materialised_max) ** 2
-            mem["_extrapolated"] = True
-        rows[n] = (t_f, t_b, mem)
-
-        def cell(t, name):
-            return f"{t[name] * 1e3:.1f} ({t[name] / t['SDPA']:.2f}×)"
-
-        est = " (dense extrapolated ∝ n²)" if mem.get("_extrapolated") else ""
-        lines.append(f"{n:>5} | " + " ".join(f"{cell(t_f, x):>{w}}" for x in names[:3]) + " | " +
-                     " ".join(f"{cell(t_b, x):>{w}}" for x in names[:3]) + " || " + " " * 24 +
-                     " ".join(f"{mem[x] / 2**20:>12.1f}" for x in names) + est)
-    lines.append("")
-    n_top = max(rows)
-    t_f, t_b, mem = rows[n_top]
-    lines.append(f"target (survey §4, LRA: low-rank is the lightest) at n={n_top}: Linformer peak memory "
-                 f"{mem['Linformer'] / mem['SDPA']:.2f}× SDPA's, {mem['Linformer'] / mem['dense (ours)']:.3f}× the "
-                 f"materialised dense path's; fwd+bwd time {t_b['Linformer'] / t_b['SDPA']:.2f}× SDPA's "
-                 f"(Nyström: memory {mem['Nyström'] / mem['SDPA']:.2f}× SDPA, time {t_b['Nyström'] / t_b['SDPA']:.2f}×)")
-    lines.append("peak extra = torch allocations seen by the profiler during forward+backward, including the "
-                 "gradients of q, k, v (and E, F); SDPA on the CPU is a fused flash kernel: O(n) memory too")
-    return "\n".join(lines)
+def _check_seed(seed, where):
+    """``None`` → a seed drawn from torch's global generator (so each layer differs, and torch.manual_seed makes
+    it reproducible); an int ≥ 0 → that seed."""
+    if seed is None:
+        return int(torch.randint(0, 2**31 - 1, (1,)))
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"{where}: seed must be a non-negative int or None, got {seed!r}")
+    return seed
 
 
-BENCHMARKS = {"lowrank": bench_lowrank}
+def _no_mask(mask, method, why, where):
+    if mask is not None:
+        raise ValueError(f"{where}: mask is not supported by {method}: {why}")
+
+
+def _not_causal(causal, method, why, where):
+    check_bool(causal, "causal", where)
+    if causal:
+        raise ValueError(f"{where}: {method} cannot be causal (causal=True): {why}")
+
+
+_LINFORMER_WHY = ("every projected key (E K)_r = Σ_j E_rj K_j and value (F V)_r mixes all n positions, future "
+                  "ones included, so a query sees future tokens through every one of the k columns and no mask "
+                  "on the n×k scores can hide them; use an encoder (causal=False), or a causal method (dense, "
+                  "local/sparse, causal linear attention)")
+_NYSTROM_WHY = ("each landmark is the mean of a segment of queries/keys, so it mixes future tokens into the "
+                "scores of every query; use an encoder (causal=False)")
+_PROJECTION_MASK_WHY = ("the keys are mixed along the sequence before the scores exist, so a (T, S) mask has no "
+                        "column to act on; zero padded keys/values before projecting instead")
+
+
+def _check_matrix(A, name, where):
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(A).__name__}")
+    if A.dim() < 2 or A.shape[-1] == 0 or A.shape[-2] == 0:
+        raise ValueError(f"{where}: {name} must be a (…, T, S) matrix with T, S ≥ 1, got shape {tuple(A.shape)}")
+    if A.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{where}: {name} must have a floating dtype, got {A.dtype}")
+    return A
+
+
+def _check_rank(rank, top, name, where, what="min(T, S)"):
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"{where}: {name} must be an int, got {type(rank).__name__}")
+    if rank <= 0 or rank > top:
+        raise ValueError(f"{where}: {name} must be in [1, {what}={top}] (k ≤ 0 or k > n has no rank-k "
+                         f"approximation), got {rank}")
+    return rank
+
+
+def _check_projection(E, name, H, S, dtype, device, where):
+    """E ``(k, n)`` or ``(H, k, n)`` with n ≥ S; returns it viewed as ``(1 or H, k, S)``."""
+    if not isinstance(E, torch.Tensor):
+        raise TypeError(f"{where}: {name} must be a (k, n) or (H, k, n) torch.Tensor, got {type(E).__name__}")
+    if E.dim() not in (2, 3):
+        raise ValueError(f"{where}: {name} must be (k, n) or (H, k, n), got shape {tuple(E.shape)}")
+    if E.dtype != dtype:
+        raise TypeError(f"{where}: {name} must have the dtype of q ({dtype}), got {E.dtype}")
+    if E.device != device:
+        raise ValueError(f"{where}: {name} must be on q's device ({device}), got {E.device}")
+    E3 = E if E.dim() == 3 else E.unsqueeze(0)
+    if E3.shape[0] not in (1, H):
+        raise ValueError(f"{where}: {name} has {E3.shape[0]} head matrices, expected 1 (shared) or H={H}")
+    k, n = E3.shape[-2:]
+    if k == 0:
+        raise ValueError(f"{where}: {name} has k=0 rows; the projected length k must be ≥ 1")
+    if n < S:
+        raise ValueError(f"{where}: {name} has n={n} columns but the sequence has S={S} keys (need n ≥ S; a "
+                         f"shorter sequence uses the first S columns, as if zero-padded to n)")
+    if k > n:
+        raise ValueError(f"{where}: {name} projects n={n} positions to k={k} > n rows; k must be in [1, n]")
+    # a sequence of S ≤ n tokens is the first S of n with zeros after them: E [x; 0] = E[:, :S] x
+    return E3[..., :S]
+
+
+# benchmark: `python -m effedu.bench lowrank` (effedu/bench/lowrank.py)
 
 __all__ = [
-    "PINV_METHODS", "singular_values", "rank_k_approximation", "best_rank_k_error", "approximation_error",
+    "PINV_METHODS", "PROJECTION_MODES", "SharedProjection", "singular_values", "rank_k_approximation", "best_rank_k_error", "approximation_error",
     "energy_rank", "linformer_attention", "linformer_attention_matrix", "linformer_reference",
     "LinformerAttention", "linformer_config", "tie_projections", "segment_boundaries", "segment_means",
     "iterative_pinv", "truncated_pinv", "DEFAULT_PINV_RTOL", "nystrom_attention", "nystrom_attention_matrix",
     "nystrom_reference",
     "dense_synthesizer_attention", "random_synthesizer_attention", "DenseSynthesizerAttention",
-    "RandomSynthesizerAttention", "softmax_attention_matrix", "dependence_matrix", "bench_lowrank", "BENCHMARKS",
+    "RandomSynthesizerAttention", "softmax_attention_matrix", "dependence_matrix",
 ]

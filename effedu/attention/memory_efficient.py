@@ -29,11 +29,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .._checks import check_positive_int
-from . import register
 from .dense import tiled_attention
 
-# The registered variant is the chapter-01 "tiled" attention, differentiable on every backend since this chapter.
-memory_efficient_attention = register("memory_efficient", tiled_attention)
+# The registered variant (``"memory_efficient"`` in effedu.attention.BUILTIN) is the chapter-01 "tiled" attention,
+# differentiable on every backend since this chapter.
+memory_efficient_attention = tiled_attention
 
 
 def online_softmax_trace(scores, block_size):

@@ -56,47 +56,6 @@ PATTERNS = TOKEN_PATTERNS + BLOCK_PATTERNS
 
 
 # --------------------------------------------------------------------------------------------------------------
-# checks
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _nonneg_int(value, name, where):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{where}: {name} must be ≥ 0, got {value}")
-    return value
-
-
-def _lengths(T, S, where):
-    check_positive_int(T, "T", where)
-    S = T if S is None else S
-    check_positive_int(S, "S", where)
-    return T, S
-
-
-def _global_positions(global_tokens, where):
-    """``global_tokens``: an int g (the first g positions, like [CLS]) or a sequence of positions → a tuple."""
-    if isinstance(global_tokens, bool):
-        raise TypeError(f"{where}: global_tokens must be an int or a sequence of ints, got a bool")
-    if isinstance(global_tokens, int):
-        _nonneg_int(global_tokens, "global_tokens", where)
-        return tuple(range(global_tokens))
-    if isinstance(global_tokens, torch.Tensor):
-        global_tokens = global_tokens.tolist()
-    try:
-        pos = tuple(global_tokens)
-    except TypeError:
-        raise TypeError(
-            f"{where}: global_tokens must be an int or a sequence of ints, got {type(global_tokens).__name__}"
-        ) from None
-    for p in pos:
-        if isinstance(p, bool) or not isinstance(p, int) or p < 0:
-            raise ValueError(f"{where}: global_tokens must hold positions ≥ 0, got {p!r}")
-    return tuple(sorted(set(pos)))
-
-
-# --------------------------------------------------------------------------------------------------------------
 # token patterns as predicates on (query index i, key index j), broadcasting
 # --------------------------------------------------------------------------------------------------------------
 
@@ -127,41 +86,6 @@ def _longformer(i, j, *, window, dilation, glob_q, glob_k):
     if glob_q is not None:
         allowed = allowed | glob_q[i] | glob_k[j]
     return allowed
-
-
-def _check_token_params(name, T, S, params, where):
-    """Validate a token pattern's parameters; return them normalised (as the predicate takes them)."""
-    p = dict(params)
-    if name == "local":
-        _only(p, {"window"}, name, where)
-        check_positive_int(p.setdefault("window", 32), "window", where)
-    elif name == "strided":
-        _only(p, {"stride"}, name, where)
-        check_positive_int(p.setdefault("stride", 16), "stride", where)
-    elif name == "fixed":
-        _only(p, {"stride", "summary"}, name, where)
-        check_positive_int(p.setdefault("stride", 16), "stride", where)
-        check_positive_int(p.setdefault("summary", 1), "summary", where)
-        if p["summary"] > p["stride"]:
-            raise ValueError(f"{where}: summary must be ≤ stride={p['stride']}, got {p['summary']}")
-    elif name == "longformer":
-        _only(p, {"window", "dilation", "global_tokens"}, name, where)
-        check_positive_int(p.setdefault("window", 32), "window", where)
-        check_positive_int(p.setdefault("dilation", 1), "dilation", where)
-        g = _global_positions(p.setdefault("global_tokens", 0), where)
-        if g and g[-1] >= max(T, S):
-            raise ValueError(f"{where}: global token position {g[-1]} is outside the sequence (T={T}, S={S})")
-        p["global_tokens"] = g
-    return p
-
-
-def _only(params, allowed, name, where):
-    extra = set(params) - allowed
-    if extra:
-        raise TypeError(
-            f"{where}: unexpected parameter(s) {', '.join(sorted(map(repr, extra)))} for pattern {name!r}; "
-            f"expected some of {', '.join(sorted(allowed))}"
-        )
 
 
 def _predicate(name, T, S, p, device=None):
@@ -218,31 +142,6 @@ def _token_layout_cached(name, T, S, block_size, frozen):
 # --------------------------------------------------------------------------------------------------------------
 # block patterns: layouts first
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _check_block_params(name, params, where):
-    p = dict(params)
-    if name == "bigbird":
-        _only(p, {"window_blocks", "global_blocks", "random_blocks", "seed", "heads"}, name, where)
-        check_positive_int(p.setdefault("window_blocks", 3), "window_blocks", where)
-        _nonneg_int(p.setdefault("global_blocks", 1), "global_blocks", where)
-        _nonneg_int(p.setdefault("random_blocks", 1), "random_blocks", where)
-        _nonneg_int(p.setdefault("seed", 0), "seed", where)
-        heads = p.setdefault("heads", None)
-        if heads is not None:
-            check_positive_int(heads, "heads", where)
-    elif name == "blockwise":
-        _only(p, {"shift"}, name, where)
-        shift = p.setdefault("shift", 0)
-        if isinstance(shift, (list, tuple)):
-            if len(shift) == 0:
-                raise ValueError(f"{where}: shift must be an int or a non-empty sequence (one per head), got []")
-            for s in shift:
-                _nonneg_int(s, "shift", where)
-            p["shift"] = tuple(shift)
-        else:
-            _nonneg_int(shift, "shift", where)
-    return p
 
 
 @functools.lru_cache(maxsize=64)
@@ -313,14 +212,6 @@ def pattern_layout(name, T, block_size, *, S=None, **params):
     p = _check_block_params(name, params, where)
     nT, nS = block_grid(T, S, block_size)
     return _block_layout_cached(name, nT, nS, _freeze(p)).clone()
-
-
-def _check_name(name, where):
-    if not isinstance(name, str):
-        raise TypeError(f"{where}: pattern name must be a str, got {type(name).__name__}")
-    if name not in PATTERNS:
-        raise ValueError(f"{where}: unknown pattern {name!r}; expected one of {', '.join(PATTERNS)}")
-    return name
 
 
 def local_mask(T, window, *, S=None):
@@ -546,15 +437,6 @@ def block_sparse(q, k, v, *, layout, block_size, causal=False, mask=None, scale=
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _check_square(mask, where):
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
-        raise TypeError(f"{where}: mask must be a 2-D bool tensor (T, T), got "
-                        f"{(mask.dtype, tuple(mask.shape)) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
-    if mask.shape[0] != mask.shape[1]:
-        raise ValueError(f"{where}: self-attention needs a square mask (T, T), got {tuple(mask.shape)}")
-    return mask.shape[0]
-
-
 def receptive_field(mask, layers, *, causal=False):
     """``R[i, j]`` = True if, after ``layers`` attention layers with this mask, position i has information from j.
 
@@ -632,88 +514,124 @@ def hops(mask, i, j, *, causal=False):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# benchmark: masked-dense vs block-sparse kernel vs dense SDPA
+# plumbing: the input checks the functions above call
 # --------------------------------------------------------------------------------------------------------------
 
 
-def bench_sparse(args):
-    """Sparse attention (window 256 + 2 global blocks of 64): masked-dense vs block-sparse numba vs dense SDPA."""
-    import numba
-
-    torch.set_num_threads(args.threads)
-    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
-    ns = [256, 512] if args.quick else [512, 1024, 2048, 4096, 8192]
-    # the masked-dense path at n=8192 needs ~8 GiB (scores, masked scores, weights): skipped unless asked for
-    skip_masked = () if getattr(args, "naive_8192", False) else (8192,)
-    return sparse_bench_table(ns, threads=args.threads, skip_masked=skip_masked)
+def _nonneg_int(value, name, where):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{where}: {name} must be ≥ 0, got {value}")
+    return value
 
 
-def sparse_bench_table(ns, *, threads, B=1, H=8, D=64, block_size=64, window=256, global_blocks=2, skip_masked=()):
-    """The table of ``bench_sparse`` for sequence lengths ``ns`` (forward, forward+backward, peak extra memory)."""
-    import torch.nn.functional as F
+def _lengths(T, S, where):
+    check_positive_int(T, "T", where)
+    S = T if S is None else S
+    check_positive_int(S, "S", where)
+    return T, S
 
-    from ..kernels.block_sparse import numba_workspace_bytes
-    from ..measure import peak_memory, time_it
 
-    b = block_size
-    gen = torch.Generator().manual_seed(0)
-    fmt = lambda t: "      —" if t is None else f"{t * 1e3:7.1f}"  # noqa: E731
-    rat = lambda t, r: "     —" if t is None or r is None else f"{r / t:5.1f}×"  # noqa: E731
-    mib = lambda x: "     —" if x is None else f"{x / 2**20:6.1f}"  # noqa: E731
-    header = (f"{'n':>5} {'kept':>6} | fwd ms: {'SDPA':>7} {'masked':>7} {'kernel':>7} {'speed-up':>8} | "
-              f"fwd+bwd ms: {'SDPA':>7} {'masked':>7} {'kernel':>7} {'speed-up':>8} | peak MiB: {'SDPA':>6} "
-              f"{'masked':>6} {'kernel':>6}")
-    lines = [f"sparse attention, window {window} + {global_blocks} global blocks, block {b}; B={B} H={H} D={D} "
-             f"float32, {threads} threads; speed-up = SDPA time / kernel time, same run; kernel = block-sparse numba",
-             header, "-" * len(header)]
-    res = {}
-    for n in ns:
-        layout = pattern_layout("longformer", n, b, window=window, global_tokens=global_blocks * b)
-        kept = density(layout)
-        mask = layout_to_mask(layout, b, n, n)
-        q, k, v = (torch.randn(B, H, n, D, generator=gen) for _ in range(3))
-        dout = torch.randn(B, H, n, D, generator=gen)
-        paths = {
-            "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
-            "masked": lambda q, k, v: softmax_attention(q, k, v, mask=mask),
-            "kernel": lambda q, k, v: block_sparse_attention(q, k, v, layout, block_size=b, backend="numba"),
-        }
-        t_f, t_fb, mem = {}, {}, {}
-        rep = 2 if n >= 4096 else 5
-        for name, fn in paths.items():
-            if name == "masked" and n in skip_masked:
-                t_f[name] = t_fb[name] = mem[name] = None
-                continue
-            with torch.no_grad():
-                t_f[name] = time_it(fn, q, k, v, warmup=1, repeat=rep)
-                mem[name], _ = peak_memory(fn, q, k, v)
-            qg, kg, vg = (x.clone().requires_grad_(True) for x in (q, k, v))
+def _global_positions(global_tokens, where):
+    """``global_tokens``: an int g (the first g positions, like [CLS]) or a sequence of positions → a tuple."""
+    if isinstance(global_tokens, bool):
+        raise TypeError(f"{where}: global_tokens must be an int or a sequence of ints, got a bool")
+    if isinstance(global_tokens, int):
+        _nonneg_int(global_tokens, "global_tokens", where)
+        return tuple(range(global_tokens))
+    if isinstance(global_tokens, torch.Tensor):
+        global_tokens = global_tokens.tolist()
+    try:
+        pos = tuple(global_tokens)
+    except TypeError:
+        raise TypeError(
+            f"{where}: global_tokens must be an int or a sequence of ints, got {type(global_tokens).__name__}"
+        ) from None
+    for p in pos:
+        if isinstance(p, bool) or not isinstance(p, int) or p < 0:
+            raise ValueError(f"{where}: global_tokens must hold positions ≥ 0, got {p!r}")
+    return tuple(sorted(set(pos)))
 
-            def step(fn=fn):
-                out = fn(qg, kg, vg)
-                torch.autograd.grad(out, (qg, kg, vg), dout)
 
-            t_fb[name] = time_it(step, warmup=1, repeat=rep)
-        mem["kernel"] += numba_workspace_bytes(n, n, D, D, block_size=b, itemsize=4)
-        res[n] = (t_f, t_fb)
-        lines.append(
-            f"{n:>5} {kept:6.1%} | {'':>8}{fmt(t_f['sdpa'])} {fmt(t_f['masked'])} {fmt(t_f['kernel'])} "
-            f"{rat(t_f['kernel'], t_f['sdpa']):>8} | {'':>12}{fmt(t_fb['sdpa'])} {fmt(t_fb['masked'])} "
-            f"{fmt(t_fb['kernel'])} {rat(t_fb['kernel'], t_fb['sdpa']):>8} | {'':>10}{mib(mem['sdpa'])} "
-            f"{mib(mem['masked'])} {mib(mem['kernel'])}"
+def _check_token_params(name, T, S, params, where):
+    """Validate a token pattern's parameters; return them normalised (as the predicate takes them)."""
+    p = dict(params)
+    if name == "local":
+        _only(p, {"window"}, name, where)
+        check_positive_int(p.setdefault("window", 32), "window", where)
+    elif name == "strided":
+        _only(p, {"stride"}, name, where)
+        check_positive_int(p.setdefault("stride", 16), "stride", where)
+    elif name == "fixed":
+        _only(p, {"stride", "summary"}, name, where)
+        check_positive_int(p.setdefault("stride", 16), "stride", where)
+        check_positive_int(p.setdefault("summary", 1), "summary", where)
+        if p["summary"] > p["stride"]:
+            raise ValueError(f"{where}: summary must be ≤ stride={p['stride']}, got {p['summary']}")
+    elif name == "longformer":
+        _only(p, {"window", "dilation", "global_tokens"}, name, where)
+        check_positive_int(p.setdefault("window", 32), "window", where)
+        check_positive_int(p.setdefault("dilation", 1), "dilation", where)
+        g = _global_positions(p.setdefault("global_tokens", 0), where)
+        if g and g[-1] >= max(T, S):
+            raise ValueError(f"{where}: global token position {g[-1]} is outside the sequence (T={T}, S={S})")
+        p["global_tokens"] = g
+    return p
+
+
+def _only(params, allowed, name, where):
+    extra = set(params) - allowed
+    if extra:
+        raise TypeError(
+            f"{where}: unexpected parameter(s) {', '.join(sorted(map(repr, extra)))} for pattern {name!r}; "
+            f"expected some of {', '.join(sorted(allowed))}"
         )
-    lines.append("")
-    last = max(res)
-    t_f, t_fb = res[last]
-    lines.append(f"target: block-sparse ≥ 5× faster than dense SDPA at n=8192 → at n={last}: forward "
-                 f"{t_f['sdpa'] / t_f['kernel']:.1f}×, forward+backward {t_fb['sdpa'] / t_fb['kernel']:.1f}×")
-    lines.append("masked = dense softmax_attention with the layout's token mask (all n² scores computed, then "
-                 "masked): no faster than dense. kept = fraction of blocks the layout keeps. peak = extra memory "
-                 "of the forward (torch profiler, + the numba kernel's own workspace)")
-    return "\n".join(lines)
 
 
-BENCHMARKS = {"sparse": bench_sparse}
+def _check_block_params(name, params, where):
+    p = dict(params)
+    if name == "bigbird":
+        _only(p, {"window_blocks", "global_blocks", "random_blocks", "seed", "heads"}, name, where)
+        check_positive_int(p.setdefault("window_blocks", 3), "window_blocks", where)
+        _nonneg_int(p.setdefault("global_blocks", 1), "global_blocks", where)
+        _nonneg_int(p.setdefault("random_blocks", 1), "random_blocks", where)
+        _nonneg_int(p.setdefault("seed", 0), "seed", where)
+        heads = p.setdefault("heads", None)
+        if heads is not None:
+            check_positive_int(heads, "heads", where)
+    elif name == "blockwise":
+        _only(p, {"shift"}, name, where)
+        shift = p.setdefault("shift", 0)
+        if isinstance(shift, (list, tuple)):
+            if len(shift) == 0:
+                raise ValueError(f"{where}: shift must be an int or a non-empty sequence (one per head), got []")
+            for s in shift:
+                _nonneg_int(s, "shift", where)
+            p["shift"] = tuple(shift)
+        else:
+            _nonneg_int(shift, "shift", where)
+    return p
+
+
+def _check_name(name, where):
+    if not isinstance(name, str):
+        raise TypeError(f"{where}: pattern name must be a str, got {type(name).__name__}")
+    if name not in PATTERNS:
+        raise ValueError(f"{where}: unknown pattern {name!r}; expected one of {', '.join(PATTERNS)}")
+    return name
+
+
+def _check_square(mask, where):
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
+        raise TypeError(f"{where}: mask must be a 2-D bool tensor (T, T), got "
+                        f"{(mask.dtype, tuple(mask.shape)) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    if mask.shape[0] != mask.shape[1]:
+        raise ValueError(f"{where}: self-attention needs a square mask (T, T), got {tuple(mask.shape)}")
+    return mask.shape[0]
+
+
+# benchmark: `python -m effedu.bench sparse` (effedu/bench/sparse.py)
 
 __all__ = [
     "PATTERNS", "TOKEN_PATTERNS", "BLOCK_PATTERNS", "pattern_mask", "pattern_layout", "mask_to_layout",
@@ -721,6 +639,5 @@ __all__ = [
     "fixed_mask", "fixed_layout", "longformer_mask", "longformer_layout", "bigbird_mask", "bigbird_layout",
     "blockwise_mask", "blockwise_layout", "masked_attention", "local_attention", "strided_attention",
     "fixed_attention", "longformer_attention", "bigbird_attention", "blockwise_attention", "block_sparse",
-    "receptive_field", "hop_distance", "hops", "hops_to", "block_sparse_attention", "bench_sparse",
-    "sparse_bench_table", "BENCHMARKS",
+    "receptive_field", "hop_distance", "hops", "hops_to", "block_sparse_attention",
 ]

@@ -17,11 +17,13 @@ The survey's three examples, all here, from scratch:
 * **Reformer** (Kitaev et al. 2020) **shares queries and keys**: one projection gives q, and the keys are the
   *normalised* queries, kⱼ = qⱼ / ‖qⱼ‖. Since q·q is the largest dot product a query can have, a token would
   attend mostly to itself, so a token may not attend to itself unless it has nothing else to attend to (the
-  first token of a causal sequence).
+  first token of a causal sequence). The attention function itself is :mod:`effedu.attention.shared_qk`
+  (``shared_qk_attention``, re-exported here); this module adds the layer without a key projection.
 
 * **Linformer** (Wang et al. 2020) projects keys and values along the *sequence* axis with k×n matrices E and F
-  (the projection arrives with the low-rank chapter, 17) and can share them across heads ("headwise"), between
-  keys and values ("key-value") and across layers ("layerwise"): from 2·L·H matrices down to one.
+  (:class:`~effedu.attention.lowrank.SharedProjection`, re-exported here) and can share them across heads
+  ("headwise"), between keys and values ("key-value") and across layers ("layerwise"): from 2·L·H matrices down
+  to one.
 
 Sharing is *real* here: a shared weight is one ``nn.Parameter`` object reachable from several places. Autograd then
 adds the gradient of every use into its ``.grad`` — ∂loss/∂θ = Σ_l ∂loss/∂θ_l, the gradient the unshared model
@@ -39,67 +41,30 @@ The everyday form of sharing, in almost every language model, is tying the outpu
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn as nn
 
-from .._checks import check_mask, check_positive_int, check_qkv, check_scale
-from ..attention import is_module_factory, register
+from .._checks import check_positive_int, check_scale
 from ..attention import get as get_attention
-from ..attention.dense import allowed_mask, softmax_attention
+from ..attention import is_module_factory
+# the attention techniques this chapter shares: they live in the attention layer, re-exported here
+from ..attention.lowrank import PROJECTION_MODES, SharedProjection
+from ..attention.shared_qk import shared_qk_attention, shared_qk_keys, shared_qk_mask
 from ..model import Block, MultiHeadAttention, Transformer, TransformerConfig
 
 SHARE_MODES = ("none", "all", "attention", "ffn")
-PROJECTION_MODES = ("none", "headwise", "key-value", "layerwise")
 
 
 # --------------------------------------------------------------------------------------------------------------
-# validation helpers
+# ALBERT: cross-layer sharing
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _check_choice(value, name, choices, where):
-    if not isinstance(value, str):
-        raise TypeError(f"{where}: {name} must be a str, one of {', '.join(map(repr, choices))}; got {value!r}")
-    if value not in choices:
-        raise ValueError(f"{where}: unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}")
-    return value
-
-
-def _check_optional_positive_int(value, name, where):
-    return None if value is None else check_positive_int(value, name, where)
-
-
-def _check_groups(groups, share, n_layers, where):
-    check_positive_int(groups, "groups", where)
-    if share == "none" and groups != 1:
-        raise ValueError(f"{where}: groups={groups} needs a shared mode (share='all', 'attention' or 'ffn'); "
-                         f"with share='none' nothing is shared, leave groups=1")
-    if groups > n_layers:
-        raise ValueError(f"{where}: groups must be between 1 and n_layers={n_layers}, got {groups}")
-    return groups
-
-
-def _check_blocks(model, where):
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{where}: model must be an effedu Transformer (an nn.Module), got {type(model).__name__}")
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0 or not all(isinstance(b, Block) for b in blocks):
-        raise TypeError(f"{where}: model must have .blocks, a non-empty nn.ModuleList of effedu.model.Block "
-                        f"(an effedu Transformer), got {type(model).__name__}")
-    return blocks
 
 
 def group_of_layer(layer, n_layers, groups):
     """The group whose shared block layer ``layer`` uses: ⌊layer · G / L⌋ (ALBERT's consecutive groups)."""
     # g(l) = ⌊l·G/L⌋ : L/G consecutive layers per group (every group gets ≥ 1 layer since G ≤ L)
     return (layer * groups) // n_layers
-
-
-# --------------------------------------------------------------------------------------------------------------
-# ALBERT: cross-layer sharing
-# --------------------------------------------------------------------------------------------------------------
 
 
 def share_layers(model, share="all", *, groups=1):
@@ -254,71 +219,8 @@ def tie_embeddings(model):
 # --------------------------------------------------------------------------------------------------------------
 # Reformer: shared-QK attention
 # --------------------------------------------------------------------------------------------------------------
-
-
-def shared_qk_keys(q):
-    """The Reformer keys: kⱼ = qⱼ / ‖qⱼ‖ (unit length per token and head; a zero query gives a zero key)."""
-    # ‖q‖ clamped at the dtype's smallest normal number, so q = 0 gives k = 0 instead of 0/0
-    norm = q.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)
-    # k_j = q_j / ‖q_j‖                                                                      (B, H, T, D)
-    return q / norm
-
-
-def shared_qk_mask(T, *, causal=False, mask=None, device=None):
-    """Boolean ``(·, ·, T, T)`` mask (True = may attend) of shared-QK attention: the usual causal/padding mask,
-    minus the diagonal in every row that has some other key allowed.
-
-    A row whose only allowed key is itself (the first token of a causal sequence) keeps it; a row with nothing
-    allowed stays empty (its output is 0, as in :func:`~effedu.attention.dense.softmax_attention`).
-    """
-    base = allowed_mask(mask, causal, T, T, device)
-    if base is None:
-        base = torch.ones(1, 1, T, T, dtype=torch.bool, device=device)
-    eye = torch.eye(T, dtype=torch.bool, device=device)
-    # others_ij = allowed_ij ∧ (i ≠ j)
-    others = base & ~eye
-    # a row keeps its diagonal only when it has no other key: allowed'_i = others_i if any(others_i) else allowed_i
-    has_other = others.any(dim=-1, keepdim=True)
-    return torch.where(has_other, others, base)
-
-
-@register("shared_qk")
-def shared_qk_attention(q, k, v, *, mask=None, causal=False, scale=None, return_weights=False):
-    """Reformer's shared-QK attention: the keys are the normalised queries; ``k`` is **ignored**.
-
-        kⱼ = qⱼ / ‖qⱼ‖,      s_ij = qᵢ · kⱼ · scale,      out = softmax_j(s_ij, j ≠ i unless i has no other j) V
-
-    q ``(B, H, T, D)``, v ``(B, H, T, Dv)``; ``k`` may be ``None`` or a tensor shaped like q — it is there only so
-    that the function fits the attention signature and can be picked with ``TransformerConfig(attention=
-    "shared_qk")`` (the name is registered when this module is imported: ``import effedu.general.sharing``
-    first). In that use the model's fused ``qkv`` projection still computes k, and the k third of it
-    (d² + d parameters per layer) is dead weight with zero gradient: :class:`SharedQKMultiHeadAttention` is the
-    honest version without it.
-
-    ``scale`` defaults to **1**, not 1/√D: the usual 1/√D compensates for keys of length ≈ √D, but these keys
-    have length 1. (Trax and Hugging Face normalise the keys to length √D and divide by √D: the same scores.)
-    """
-    where = "shared_qk_attention"
-    if k is not None:
-        if not isinstance(k, torch.Tensor):
-            raise TypeError(f"{where}: k must be None or a torch.Tensor (it is ignored), got {type(k).__name__}")
-        if k.shape != q.shape:
-            raise ValueError(f"{where}: k is ignored (keys are the normalised queries) but must be None or shaped "
-                             f"like q {tuple(q.shape)}, got {tuple(k.shape)}")
-    if isinstance(q, torch.Tensor) and isinstance(v, torch.Tensor) and q.dim() == v.dim() == 4 \
-            and v.shape[2] != q.shape[2]:
-        raise ValueError(f"{where}: shared-QK is self-attention: v must have the queries' length "
-                         f"T={q.shape[2]}, got {v.shape[2]}")
-    check_qkv(q, q, v, where=where)
-    B, H, T, _ = q.shape
-    scale = 1.0 if scale is None else check_scale(scale, q.shape[-1], where)
-    if not isinstance(causal, bool):
-        raise TypeError(f"{where}: causal must be a bool, got {type(causal).__name__}")
-    mask = check_mask(mask, B, H, T, T, where=where)
-    keys = shared_qk_keys(q)
-    allowed = shared_qk_mask(T, causal=causal, mask=mask, device=q.device)
-    # the rest is ordinary softmax attention (chapter 01) with these keys and this mask
-    return softmax_attention(q, keys, v, mask=allowed, scale=scale, return_weights=return_weights)
+# the attention function (shared_qk_keys, shared_qk_mask, shared_qk_attention) is effedu.attention.shared_qk;
+# here: the layer without a key projection, and swapping it into a model
 
 
 class SharedQKMultiHeadAttention(nn.Module):
@@ -543,6 +445,7 @@ def albert_parameter_count(config, share="all", embedding_dim=None, *, groups=1,
 # --------------------------------------------------------------------------------------------------------------
 # Linformer: sharing the sequence projections
 # --------------------------------------------------------------------------------------------------------------
+# the matrices themselves are effedu.attention.lowrank.SharedProjection; here: how many each mode keeps
 
 
 def linformer_projection_count(n_layers, n_heads, mode):
@@ -563,91 +466,6 @@ def linformer_projection_parameter_count(n_layers, n_heads, seq_len, k, mode):
     n, k = check_positive_int(seq_len, "seq_len", where), check_positive_int(k, "k", where)
     # {2LH, 2L, L, 1} matrices of k×n
     return linformer_projection_count(n_layers, n_heads, mode) * k * n
-
-
-class SharedProjection(nn.Module):
-    """The k×n sequence projections of a Linformer (E for keys, F for values, per head and layer), stored with
-    the sharing ``mode`` of Wang et al. 2020, §4:
-
-    ============  =========================================================  =============
-    mode          which matrices are the same Parameter                       distinct
-    ============  =========================================================  =============
-    "none"        nothing                                                     2·L·H
-    "headwise"    E_{l,h} = E_l, F_{l,h} = F_l for all heads h                2·L
-    "key-value"   E_{l,h} = F_{l,h} = E_l                                     L
-    "layerwise"   every E and F of every head and layer is one matrix E      1
-    ============  =========================================================  =============
-
-    :meth:`matrix` gives the Parameter for ``(layer, head, which)``; :meth:`project` applies a layer's matrices to
-    per-head keys or values, ``(B, H, T, D) → (B, H, k, D)``. Initialised N(0, 1/n) so that E x keeps the scale
-    of x, from ``seed`` (a fixed generator, independent of torch's global one). The Linformer attention that uses
-    these arrives in chapter 17.
-    """
-
-    def __init__(self, n_layers, n_heads, seq_len, k, mode="headwise", *, seed=0):
-        super().__init__()
-        where = "SharedProjection"
-        self.n_layers = check_positive_int(n_layers, "n_layers", where)
-        self.n_heads = check_positive_int(n_heads, "n_heads", where)
-        self.seq_len = check_positive_int(seq_len, "seq_len", where)
-        self.k = check_positive_int(k, "k", where)
-        self.mode = _check_choice(mode, "mode", PROJECTION_MODES, where)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"{where}: seed must be a non-negative int, got {seed!r}")
-        # which distinct matrix each (layer, head, which) uses
-        self._slot = {}
-        for layer in range(n_layers):
-            for head in range(n_heads):
-                for w, which in enumerate(("key", "value")):
-                    self._slot[(layer, head, which)] = {
-                        "none": (layer * n_heads + head) * 2 + w,
-                        "headwise": layer * 2 + w,
-                        "key-value": layer,
-                        "layerwise": 0,
-                    }[mode]
-        count = linformer_projection_count(n_layers, n_heads, mode)
-        gen = torch.Generator().manual_seed(seed)
-        # E ~ N(0, 1/n): each of the k outputs is a sum of n inputs, its variance stays that of one input
-        self.matrices = nn.ParameterList(
-            [nn.Parameter(torch.randn(k, seq_len, generator=gen) / math.sqrt(seq_len)) for _ in range(count)]
-        )
-
-    def _check_index(self, layer, head, which, where):
-        for name, value, top in (("layer", layer, self.n_layers), ("head", head, self.n_heads)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__}")
-            if not 0 <= value < top:
-                raise ValueError(f"{where}: {name} must be in [0, {top}), got {value}")
-        _check_choice(which, "which", ("key", "value"), where)
-
-    def matrix(self, layer, head, which):
-        """The k×n Parameter used by ``layer``'s ``head`` for ``which`` = "key" (E) or "value" (F)."""
-        self._check_index(layer, head, which, "SharedProjection.matrix")
-        return self.matrices[self._slot[(layer, head, which)]]
-
-    def project(self, x, layer, which):
-        """E_{layer,h} x_h for every head h: x ``(B, H, T, D)`` with T ≤ n → ``(B, H, k, D)``.
-
-        A sequence shorter than n is treated as zero-padded to n: E [x; 0] = E[:, :T] x.
-        """
-        where = "SharedProjection.project"
-        self._check_index(layer, 0, which, where)
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"{where}: x must be a (B, H, T, D) tensor, got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        B, H, T, D = x.shape
-        if H != self.n_heads:
-            raise ValueError(f"{where}: x has H={H} heads, the projections were made for n_heads={self.n_heads}")
-        if not 1 <= T <= self.seq_len:
-            raise ValueError(f"{where}: sequence length T={T} must be between 1 and seq_len={self.seq_len}")
-        # the layer's H matrices (the same Parameter H times when heads share), first T columns  (H, k, T)
-        E = torch.stack([self.matrix(layer, h, which)[:, :T] for h in range(H)]).to(x.dtype)
-        # (E x)_h = E_h x_h : mix the T positions into k                                        (B, H, k, D)
-        return torch.einsum("hkt,bhtd->bhkd", E, x)
-
-    def extra_repr(self):
-        return (f"n_layers={self.n_layers}, n_heads={self.n_heads}, seq_len={self.seq_len}, k={self.k}, "
-                f"mode={self.mode!r}, matrices={len(self.matrices)}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -707,51 +525,43 @@ def layer_similarity(states):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# benchmark: fewer parameters, not less compute
+# plumbing: the input checks the functions above call
 # --------------------------------------------------------------------------------------------------------------
 
 
-def bench_sharing(args):
-    """ALBERT sharing: parameters fall, FLOPs and activation memory do not (12 layers, d=256, T=512, B=8)."""
-    from ..measure import count_parameters, saved_activation_bytes, time_it
-    from ..train import lm_loss
-
-    torch.set_num_threads(args.threads)
-    L, d, T, B, V = (4, 128, 128, 2, 256) if args.quick else (12, 256, 512, 8, 256)
-    cfg = TransformerConfig(vocab_size=V, d_model=d, n_heads=8 if d >= 256 else 4, n_layers=L, d_ff=4 * d,
-                            max_len=T)
-    gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, V, (B, T), generator=gen)
-    targets = torch.randint(0, V, (B, T), generator=gen)
-    variants = {
-        "plain": dict(share="none"),
-        "ALBERT all-shared": dict(share="all"),
-        "all-shared, E=64, tied head": dict(share="all", embedding_dim=64, tie_head=True),
-        "attention-shared": dict(share="attention"),
-        "FFN-shared": dict(share="ffn"),
-        "shared-QK": dict(share="none", shared_qk=True),
-    }
-    header = f"{'variant':30s} {'params':>10} {'formula':>10} {'saved act. MiB':>15} {'step ms':>9} {'vs plain':>8}"
-    lines = [f"parameter sharing, L={L} d={d} T={T} B={B} V={V} float32, {args.threads} threads; "
-             f"step = forward + backward", header, "-" * len(header)]
-    ref = None
-    for name, kw in variants.items():
-        torch.manual_seed(0)
-        model = SharedTransformer(cfg, **kw)
-
-        def step():
-            model.zero_grad(set_to_none=True)
-            lm_loss(model(tokens), targets).backward()
-
-        saved = saved_activation_bytes(model, tokens)
-        t = time_it(step, warmup=1, repeat=3)
-        ref = t if ref is None else ref
-        lines.append(f"{name:30s} {count_parameters(model):>10,} {albert_parameter_count(cfg, **kw):>10,} "
-                     f"{saved / 2**20:>15.1f} {t * 1e3:>9.1f} {t / ref:>7.2f}×")
-    return "\n".join(lines)
+def _check_choice(value, name, choices, where):
+    if not isinstance(value, str):
+        raise TypeError(f"{where}: {name} must be a str, one of {', '.join(map(repr, choices))}; got {value!r}")
+    if value not in choices:
+        raise ValueError(f"{where}: unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}")
+    return value
 
 
-BENCHMARKS = {"sharing": bench_sharing}
+def _check_optional_positive_int(value, name, where):
+    return None if value is None else check_positive_int(value, name, where)
+
+
+def _check_groups(groups, share, n_layers, where):
+    check_positive_int(groups, "groups", where)
+    if share == "none" and groups != 1:
+        raise ValueError(f"{where}: groups={groups} needs a shared mode (share='all', 'attention' or 'ffn'); "
+                         f"with share='none' nothing is shared, leave groups=1")
+    if groups > n_layers:
+        raise ValueError(f"{where}: groups must be between 1 and n_layers={n_layers}, got {groups}")
+    return groups
+
+
+def _check_blocks(model, where):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{where}: model must be an effedu Transformer (an nn.Module), got {type(model).__name__}")
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0 or not all(isinstance(b, Block) for b in blocks):
+        raise TypeError(f"{where}: model must have .blocks, a non-empty nn.ModuleList of effedu.model.Block "
+                        f"(an effedu Transformer), got {type(model).__name__}")
+    return blocks
+
+
+# benchmark: `python -m effedu.bench sharing` (effedu/bench/sharing.py)
 
 __all__ = [
     "SHARE_MODES", "PROJECTION_MODES", "group_of_layer", "share_layers", "unshare_layers", "sharing_pattern",
@@ -759,5 +569,5 @@ __all__ = [
     "shared_qk_attention", "SharedQKMultiHeadAttention", "share_qk", "SharedTransformer",
     "embedding_parameter_count", "block_parameter_count", "albert_parameter_breakdown", "albert_parameter_count",
     "linformer_projection_count", "linformer_projection_parameter_count", "SharedProjection", "hidden_states",
-    "layer_similarity", "bench_sharing", "BENCHMARKS",
+    "layer_similarity",
 ]
