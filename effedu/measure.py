@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
+import sys
 import threading
 import time
 import warnings
@@ -34,7 +35,8 @@ import torch.nn as nn
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _parameter_storages(*objs):
+def parameter_storages(*objs):
+    """Storage addresses of the parameters and buffers of the modules among ``objs`` (not activations)."""
     ptrs = set()
     for o in objs:
         if isinstance(o, nn.Module):
@@ -48,8 +50,13 @@ def _storage_key(t):
     return (t.device.type, t.device.index, s.data_ptr()), s.nbytes()
 
 
-class _SavedTensorTracker:
-    """Counts storages saved for backward, and which of them are still alive (held by the autograd graph)."""
+class SavedTensorTracker:
+    """Counts storages saved for backward, and which of them are still alive (held by the autograd graph).
+
+    ``with tracker.hooks(): ...`` sees every tensor autograd saves inside; ``total_bytes`` counts each storage
+    ever saved once, ``live_bytes`` those still held. Storages in ``exclude_ptrs`` (see :func:`parameter_storages`)
+    are not counted. Subclass and override :meth:`pack` to meter something else (the pipeline's peak tracker).
+    """
 
     def __init__(self, exclude_ptrs=()):
         self.exclude = set(exclude_ptrs)
@@ -103,6 +110,7 @@ class _Held:
         self.tensor = tensor
 
 
+
 def saved_activation_bytes(fn, *args, **kwargs):
     """Bytes that autograd saves for backward while ``fn(*args, **kwargs)`` runs, each storage counted once.
 
@@ -113,20 +121,24 @@ def saved_activation_bytes(fn, *args, **kwargs):
     if not callable(fn):
         raise TypeError(f"saved_activation_bytes: fn must be callable, got {type(fn).__name__}")
     owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
-    tracker = _SavedTensorTracker(_parameter_storages(owner, *args, *kwargs.values()))
+    tracker = SavedTensorTracker(parameter_storages(owner, *args, *kwargs.values()))
     with tracker.hooks():
         out = fn(*args, **kwargs)
     del out
     return tracker.total_bytes
 
 
-def memory_timeline(model, inputs, loss_fn=None, *, modules=None):
+def memory_timeline(model, inputs, loss_fn=None, *, modules=None, through_backward=False):
     """Live activation bytes over one forward + backward of ``model(inputs)``.
 
     Returns a list of events ``{"phase", "module", "activation_bytes", "allocator_bytes"}``: one after each
     leaf module's forward and one after its backward, plus start/loss/end markers. ``loss_fn(output)`` defaults
     to ``output.float().pow(2).mean()``. ``allocator_bytes`` is ``torch.cuda.memory_allocated()`` on a GPU and
     None on the CPU. ``modules`` restricts the events to those modules (default: all leaf modules).
+
+    ``through_backward=True`` keeps the meter on during the backward pass: what a recomputation (gradient
+    checkpointing) saves there is counted too, and a forward call made during the backward pass is recorded as
+    ``phase="backward"``, module ``"<name> (recompute)"``. Its maximum is then the step's peak activation memory.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"memory_timeline: model must be an nn.Module, got {type(model).__name__}")
@@ -134,8 +146,8 @@ def memory_timeline(model, inputs, loss_fn=None, *, modules=None):
         loss_fn = lambda out: out.float().pow(2).mean()  # noqa: E731
     device = next(model.parameters()).device
     on_gpu = device.type == "cuda"
-    tracker = _SavedTensorTracker(_parameter_storages(model))
-    events = []
+    tracker = SavedTensorTracker(parameter_storages(model))
+    events, state = [], {"backward": False}
 
     def record(phase, name):
         events.append({
@@ -145,6 +157,14 @@ def memory_timeline(model, inputs, loss_fn=None, *, modules=None):
             "allocator_bytes": torch.cuda.memory_allocated(device) if on_gpu else None,
         })
 
+    def on_forward(name):
+        def hook(mod, inp, out):
+            if state["backward"] and through_backward:
+                record("backward", f"{name} (recompute)")
+            else:
+                record("forward", name)
+        return hook
+
     named = dict(model.named_modules())
     if modules is None:
         watch = [(n, m) for n, m in named.items() if n and not any(True for _ in m.children())]
@@ -152,21 +172,26 @@ def memory_timeline(model, inputs, loss_fn=None, *, modules=None):
         watch = [(n, named[n]) for n in modules]
     handles = []
     for name, mod in watch:
-        handles.append(mod.register_forward_hook(lambda m, i, o, name=name: record("forward", name)))
+        handles.append(mod.register_forward_hook(on_forward(name)))
         handles.append(mod.register_full_backward_hook(lambda m, gi, go, name=name: record("backward", name)))
     try:
-        record("forward", "<start>")
-        with tracker.hooks():
+        with warnings.catch_warnings(), contextlib.ExitStack() as metered:
+            # full backward hooks warn when a module's inputs (token ids, no-grad recomputation) need no gradient
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            warnings.filterwarnings("ignore", message=".*does not require grad.*")
+            record("forward", "<start>")
+            metered.enter_context(tracker.hooks())
             out = model(inputs)
             loss = loss_fn(out)
-        record("forward", "<loss>")
-        del out
-        with warnings.catch_warnings():
-            # full backward hooks warn when the model's inputs (token ids) need no gradient: expected here
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            if not through_backward:
+                metered.close()  # the meter is off for the backward pass
+            record("forward", "<loss>")
+            del out
+            state["backward"] = True
             loss.backward()
-        del loss
-        record("backward", "<end>")
+            del loss
+            metered.close()
+            record("backward", "<end>")
     finally:
         for h in handles:
             h.remove()
@@ -180,7 +205,11 @@ def memory_timeline(model, inputs, loss_fn=None, *, modules=None):
 
 @contextlib.contextmanager
 def _quiet_stderr_fd():
-    """Silence C++ writes to file descriptor 2 (the profiler's "profiler_start" lines) for a moment."""
+    """Silence C++ writes to file descriptor 2 (the profiler's "profiler_start" lines) for the body only.
+
+    fd 2 is process-wide: it is pointed at /dev/null on entry and put back in ``finally``, so it is restored on
+    every exit, exceptions included (Python's own ``sys.stderr`` is flushed first so nothing of it is lost).
+    """
     try:
         saved = os.dup(2)
     except OSError:  # pragma: no cover - no fd 2
@@ -188,12 +217,30 @@ def _quiet_stderr_fd():
         return
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
+        sys.stderr.flush()
         os.dup2(devnull, 2)
         yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+def _cpu_memory_events(prof):
+    """``(time_ns, bytes)`` of every CPU allocation (+) and free (−) that the profiler ``prof`` recorded.
+
+    torch's public API attributes memory to *ops* (``prof.events()``: each op's ``cpu_memory_usage``, allocations
+    minus frees inside it), which loses the order of allocations and frees within an op and so the peak. The
+    time-ordered stream of memory records is only reachable through the profiler's private ``kineto_results``:
+    it is read here and nowhere else. If a torch version lacks it, the fallback orders the ops' *self* memory by
+    start time: the same total, a peak resolved per op only (it can be lower than the true one).
+    """
+    results = getattr(getattr(prof, "profiler", None), "kineto_results", None)
+    if results is not None:
+        return [(e.start_ns(), e.nbytes()) for e in results.events()
+                if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    return [(int(e.time_range.start * 1000), e.self_cpu_memory_usage) for e in prof.events()
+            if e.self_cpu_memory_usage]  # pragma: no cover - fallback for a torch without kineto_results
 
 
 def peak_memory(fn, *args, device=None, **kwargs):
@@ -217,9 +264,7 @@ def peak_memory(fn, *args, device=None, **kwargs):
     with _quiet_stderr_fd():
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             result = fn(*args, **kwargs)
-    events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
-    events.sort()
+    events = sorted(_cpu_memory_events(prof))
     live = peak = 0
     for _, nbytes in events:
         live += nbytes
@@ -427,7 +472,7 @@ def layer_weight_grad_norms(model, batch, loss_fn=None, *, weights="ffn.fc2.weig
 
 
 __all__ = [
-    "saved_activation_bytes", "memory_timeline", "peak_memory", "time_it", "count_parameters", "parameter_bytes",
+    "SavedTensorTracker", "parameter_storages", "saved_activation_bytes", "memory_timeline", "peak_memory", "time_it", "count_parameters", "parameter_bytes",
     "tensor_bytes", "attention_flops", "attention_projection_flops", "ffn_flops", "layer_flops", "gradient_norms",
     "layer_weight_grad_norms",
 ]

@@ -14,18 +14,8 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 
-IGNORE = -100
-
-
-def lm_loss(logits, targets):
-    """Mean cross-entropy over the scored positions: logits ``(B, T, V)``, targets ``(B, T)`` (−100 = skip)."""
-    if logits.dim() != 3:
-        raise ValueError(f"lm_loss: logits must be (B, T, V), got shape {tuple(logits.shape)}")
-    if targets.shape != logits.shape[:2]:
-        raise ValueError(f"lm_loss: targets must be {tuple(logits.shape[:2])}, got {tuple(targets.shape)}")
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE)
+from .model import IGNORE, lm_loss  # one ignore index and one LM loss for the whole course (re-exported here)
 
 
 @torch.no_grad()

@@ -4,7 +4,6 @@ Oracles: the same computation without checkpointing (gradients), ``torch.utils.c
 bytes saved for backward, which must be *equal*: both save exactly the segment inputs), gradcheck in float64,
 and the memory model base + (k − 1)·c + |last|·a (exact on the CPU, where the meter is deterministic).
 """
-import argparse
 import math
 
 import pytest
@@ -15,7 +14,6 @@ import torch.utils.checkpoint as tuc
 from _oracles import TOL
 from effedu import measure
 from effedu.general.checkpoint import (
-    BENCHMARKS,
     CheckpointedTransformer,
     checkpoint,
     checkpoint_model,
@@ -26,7 +24,7 @@ from effedu.general.checkpoint import (
     recomputed_layers,
     segment_plan,
 )
-from effedu.model import Block, Transformer, TransformerConfig
+from effedu.model import Block, FeedForward, Transformer, TransformerConfig, add_aux_loss
 from effedu.viz import fit_power_law
 
 
@@ -315,9 +313,9 @@ def test_saved_bytes_equal_torch_checkpoint_sequential():
 
         def forward(self, t):
             m = self.m
-            x = m.drop(m.tok_emb(t) + m.pos_emb(torch.arange(t.shape[1])))
+            x = m.embed_tokens(t)
             x = tuc.checkpoint_sequential(m.blocks, 3, x, use_reentrant=self.reentrant)
-            return m.head(m.ln_f(x))
+            return m.logits(x)
 
     # torch splits 6 layers into 3 segments of 2 and runs the last one plainly, like even_plan(6, 3)
     ours = measure.saved_activation_bytes(CheckpointedTransformer(model, 2), tok)
@@ -498,6 +496,85 @@ def test_bad_input(call, exc, match):
         call()
 
 
-def test_benchmark_is_registered_and_runs_quick():
-    table = BENCHMARKS["checkpoint"](argparse.Namespace(threads=1, quick=True))
-    assert "effedu √L" in table and "torch.utils.checkpoint" in table and "predicted" in table
+# --------------------------------------------------------------------------------------------------------------
+# the shared RNG replay helper, auxiliary losses under recomputation, the timeline through memory_timeline
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_rng_state_replays_and_puts_the_generator_back():
+    from effedu.general.rng import RngState, replay_rng
+
+    torch.manual_seed(0)
+    state = RngState((torch.ones(2),))
+    first = torch.rand(5)
+    after = torch.get_rng_state()
+    with replay_rng(state):
+        again = torch.rand(5)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)  # the same draws
+    assert torch.equal(torch.get_rng_state(), after)  # and the generator is where it was before the replay
+    with replay_rng(None):
+        assert not torch.equal(torch.rand(5), first)
+
+
+class _AuxFFN(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.ffn = FeedForward(config.d_model, config.d_ff, config.dropout)
+
+    def forward(self, x):
+        y = self.ffn(x)
+        add_aux_loss(self, y.square().mean())
+        return y
+
+
+@pytest.mark.parametrize("strategy", ["every", "sqrt"])
+def test_aux_losses_are_not_recorded_again_by_the_recomputation(strategy):
+    torch.manual_seed(0)
+    model = Transformer(cfg(n_layers=4, ffn=_AuxFFN))
+    tok = tokens()
+    plain_out = model(tok)
+    plain_aux = model.aux_loss().detach()
+    ck = CheckpointedTransformer(model, strategy)
+    out = ck(tok)
+    assert len(model.aux_channel.values) == 4
+    # the checkpointed segments ran without autograd: their records carry no gradient, and aux_loss says so
+    with pytest.warns(RuntimeWarning, match="carry no gradient"):
+        torch.testing.assert_close(model.aux_loss(), plain_aux)
+    out.float().pow(2).mean().backward()  # recomputes the checkpointed segments in the backward pass
+    assert len(model.aux_channel.values) == 4  # still one record per layer
+    with torch.no_grad():
+        torch.testing.assert_close(model.aux_loss(), plain_aux)
+    torch.testing.assert_close(out, plain_out)
+    # the generic hook: checkpoint(..., recompute_context=) enters the context only around the recomputation
+    entered = []
+
+    class Ctx:
+        def __enter__(self):
+            entered.append(torch.is_grad_enabled())
+
+        def __exit__(self, *exc):
+            return False
+
+    x = torch.randn(3, requires_grad=True)
+    y = checkpoint(torch.sin, x, recompute_context=Ctx)
+    assert entered == []
+    y.sum().backward()
+    assert entered == [True]
+    with pytest.raises(TypeError, match="recompute_context must be callable"):
+        checkpoint(torch.sin, x, recompute_context=3)
+
+
+def test_recompute_timeline_is_memory_timeline_through_backward():
+    torch.manual_seed(0)
+    model = Transformer(cfg(n_layers=3))
+    tok = tokens()
+    ck = CheckpointedTransformer(model, "every")
+    ours = recompute_timeline(ck, tok)
+    generic = measure.memory_timeline(ck, tok, through_backward=True)
+    assert [e["activation_bytes"] for e in ours] == [e["activation_bytes"] for e in generic]
+    assert [e["module"] for e in ours] == [e["module"].removeprefix("model.") for e in generic]
+    # the meter off in backward (the default): no recompute events, the forward part equal
+    off = measure.memory_timeline(ck, tok)
+    assert not any(e["module"].endswith("(recompute)") for e in off)
+    n_fwd = sum(e["phase"] == "forward" for e in ours)
+    assert [e["activation_bytes"] for e in off[:n_fwd]] == [e["activation_bytes"] for e in ours[:n_fwd]]

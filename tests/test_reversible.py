@@ -332,3 +332,36 @@ def test_bad_input():
         model(torch.zeros(1, 9, dtype=torch.int64))
     with pytest.raises(TypeError, match="tokens must be an integer tensor"):
         model(torch.zeros(1, 3))
+
+
+def test_reversible_transformer_reuses_the_model_seams_and_drops_recomputed_aux_losses():
+    from effedu import model as M
+
+    class AuxFFN(nn.Module):
+        def __init__(self, config, layer):
+            super().__init__()
+            self.ffn = M.FeedForward(config.d_model, config.d_ff)
+
+        def forward(self, x):
+            y = self.ffn(x)
+            M.add_aux_loss(self, y.square().mean())
+            return y
+
+    assert ReversibleTransformer.embed_tokens is Transformer.embed_tokens
+    assert ReversibleTransformer.logits is Transformer.logits
+    cfg = TransformerConfig(vocab_size=10, d_model=16, n_heads=2, n_layers=3, d_ff=32, max_len=16, ffn=AuxFFN)
+    torch.manual_seed(0)
+    model = ReversibleTransformer(cfg)
+    tokens = torch.randint(0, 10, (2, 7), generator=torch.Generator().manual_seed(0))
+    ref = model(tokens, memory_efficient=False)
+    ref_aux = model.aux_loss().detach()
+    out = model(tokens)
+    torch.testing.assert_close(out, ref)
+    assert len(model.aux_channel.values) == 3
+    out.square().mean().backward()  # rebuilds and recomputes f and g of every block
+    assert len(model.aux_channel.values) == 3
+    with torch.no_grad():
+        torch.testing.assert_close(model.aux_loss(), ref_aux)
+    # per-layer head counts reach the attention sub-layers
+    model = ReversibleTransformer(cfg.replace(n_heads=(2, 4, 1), ffn="dense"))
+    assert [b.f.attn.n_heads for b in model.blocks.blocks] == [2, 4, 1]

@@ -53,3 +53,17 @@ def test_validation_and_nan_detection():
     fresh = Transformer(TransformerConfig(vocab_size=10, d_model=16, n_heads=2, n_layers=1, d_ff=32, max_len=32))
     loss, acc = evaluate(fresh, copy_batch(1))
     assert loss > 0 and 0 <= acc <= 1
+
+
+def test_lm_loss_keeps_float64_and_computes_half_precision_in_float32():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7, dtype=torch.float64)
+    targets = torch.randint(0, 7, (2, 5))
+    targets[0, 1] = IGNORE
+    loss = lm_loss(logits, targets)
+    assert loss.dtype == torch.float64
+    keep = targets != IGNORE
+    ref = -torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0][keep].mean()
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)
+    assert lm_loss(logits.half(), targets).dtype == torch.float32
+    assert lm_loss(logits.flatten(0, 1), targets.flatten()) == loss  # (N, V) as well as (B, T, V)

@@ -62,14 +62,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 
 import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
-from .._checks import check_tokens
-from ..measure import _SavedTensorTracker, _parameter_storages
+from ..measure import memory_timeline
+from .rng import RngState, replay_rng
 
 __all__ = [
     "checkpoint",
@@ -82,7 +81,6 @@ __all__ = [
     "checkpoint_model",
     "recompute_timeline",
     "STRATEGIES",
-    "BENCHMARKS",
 ]
 
 STRATEGIES = ("none", "every", "sqrt")  # and any int k ≥ 1: segments of k layers
@@ -93,36 +91,8 @@ STRATEGIES = ("none", "every", "sqrt")  # and any int k ≥ 1: segments of k lay
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _cuda_devices(tensors):
-    return sorted({t.device.index if t.device.index is not None else torch.cuda.current_device()
-                   for t in tensors if t.is_cuda})
-
-
-class _RngState:
-    """The CPU generator's state and that of every CUDA device the inputs live on, at one moment."""
-
-    def __init__(self, tensors):
-        self.cpu = torch.get_rng_state()
-        self.cuda = {d: torch.cuda.get_rng_state(d) for d in _cuda_devices(tensors)}
-
-    def restore(self):
-        torch.set_rng_state(self.cpu)
-        for d, state in self.cuda.items():
-            torch.cuda.set_rng_state(state, d)
-
-
-@contextlib.contextmanager
-def _replay_rng(stashed, tensors):
-    """Inside: the generators are where they were when ``stashed`` was taken. After: back to where they are now."""
-    if stashed is None:
-        yield
-        return
-    now = _RngState(tensors)
-    stashed.restore()
-    try:
-        yield
-    finally:
-        now.restore()
+# RngState (general/rng.py) records the CPU and CUDA generators; replay_rng(state) runs code with them and puts
+# the generators back afterwards (torch.random.fork_rng), so a checkpointed step draws the numbers a plain one does.
 
 
 def _autocast_state():
@@ -148,14 +118,14 @@ class _CheckpointFunction(torch.autograd.Function):
     """Forward: run ``fn`` without autograd, save only the tensor inputs. Backward: recompute, backprop, return."""
 
     @staticmethod
-    def forward(ctx, fn, preserve_rng_state, dummy, *args):
+    def forward(ctx, fn, preserve_rng_state, recompute_context, dummy, *args):
         # autograd is off inside a custom Function's forward: fn's intermediates are not saved
-        ctx.fn = fn
+        ctx.fn, ctx.recompute_context = fn, recompute_context
         ctx.tensor_index = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
         ctx.other_args = [None if i in ctx.tensor_index else a for i, a in enumerate(args)]
         tensors = [args[i] for i in ctx.tensor_index]
         # the random state fn is about to see, to be replayed in the recomputation
-        ctx.rng = _RngState(tensors) if preserve_rng_state else None
+        ctx.rng = RngState(tensors) if preserve_rng_state else None
         ctx.autocast = _autocast_state()
         # the checkpoint: the inputs are the only tensors kept for the backward pass
         ctx.save_for_backward(*tensors)
@@ -171,7 +141,8 @@ class _CheckpointFunction(torch.autograd.Function):
         for i, t in zip(ctx.tensor_index, detached):
             args[i] = t
         # recompute fn(*args) — same random numbers, same autocast — this time saving its intermediates
-        with _replay_rng(ctx.rng, detached), torch.enable_grad(), _replay_autocast(ctx.autocast):
+        recomputing = ctx.recompute_context() if ctx.recompute_context is not None else contextlib.nullcontext()
+        with replay_rng(ctx.rng), torch.enable_grad(), _replay_autocast(ctx.autocast), recomputing:
             out = ctx.fn(*args)
         outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
         # backpropagate through the recomputed segment with the incoming gradients g = ∂loss/∂out:
@@ -183,8 +154,8 @@ class _CheckpointFunction(torch.autograd.Function):
         grads = [None] * len(args)
         for i, t in zip(ctx.tensor_index, detached):
             grads[i] = t.grad if t.requires_grad else None
-        # one gradient per forward input: fn, preserve_rng_state, dummy, *args
-        return (None, None, None, *grads)
+        # one gradient per forward input: fn, preserve_rng_state, recompute_context, dummy, *args
+        return (None, None, None, None, *grads)
 
 
 def _check_output(out):
@@ -202,19 +173,22 @@ def _describe(x):
     return type(x).__name__
 
 
-def checkpoint(fn, *args, preserve_rng_state=True):
+def checkpoint(fn, *args, preserve_rng_state=True, recompute_context=None):
     """``fn(*args)`` that saves only its tensor inputs and recomputes its intermediates in the backward pass.
 
     ``fn`` returns a tensor or a tuple of tensors. ``args`` may mix tensors (with or without ``requires_grad``)
     and other values (passed through unchanged). Parameters used inside ``fn`` receive their gradients in the
     backward pass, as with ``torch.utils.checkpoint``. ``preserve_rng_state=True`` replays the random state so
-    dropout inside ``fn`` draws the same mask when recomputed. With autograd off (``torch.no_grad()``) this is
-    plainly ``fn(*args)``.
+    dropout inside ``fn`` draws the same mask when recomputed. ``recompute_context``: a callable returning a
+    context manager entered around the recomputation (e.g. ``model.recomputing``, so auxiliary losses are not
+    recorded twice). With autograd off (``torch.no_grad()``) this is plainly ``fn(*args)``.
     """
     if not callable(fn):
         raise TypeError(f"checkpoint: fn must be callable, got {type(fn).__name__}")
     if not isinstance(preserve_rng_state, bool):
         raise TypeError(f"checkpoint: preserve_rng_state must be a bool, got {preserve_rng_state!r}")
+    if recompute_context is not None and not callable(recompute_context):
+        raise TypeError(f"checkpoint: recompute_context must be callable or None, got {type(recompute_context).__name__}")
     if not torch.is_grad_enabled():
         return _check_output(fn(*args))  # nothing would be saved anyway
     # When no input requires grad, autograd would not record the Function at all, and the parameters inside fn
@@ -222,7 +196,7 @@ def checkpoint(fn, *args, preserve_rng_state=True):
     # keeps the Function in the graph.
     needs_dummy = not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
     dummy = torch.empty(0, requires_grad=True) if needs_dummy else None
-    return _CheckpointFunction.apply(fn, preserve_rng_state, dummy, *args)
+    return _CheckpointFunction.apply(fn, preserve_rng_state, recompute_context, dummy, *args)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -383,14 +357,15 @@ def _segment_runner(layers, start, stop):
     return run_segment
 
 
-def checkpoint_sequential(layers, segments, x, *, checkpoint_last=False, preserve_rng_state=True):
+def checkpoint_sequential(layers, segments, x, *, checkpoint_last=False, preserve_rng_state=True,
+                          recompute_context=None):
     """Run ``x`` through ``layers`` in checkpointed segments.
 
     ``segments`` is the number of segments (an int, split by :func:`even_plan`, as in
     ``torch.utils.checkpoint.checkpoint_sequential``; note that :func:`segment_plan`'s int is the number of
     *layers per segment* instead) or a plan from :func:`segment_plan`. Every segment but the last is checkpointed; the last runs normally unless
     ``checkpoint_last=True`` (see the module docstring: |last| more layer forwards, for a peak lower only by
-    what the layers after the stack save).
+    what the layers after the stack save). ``recompute_context`` as in :func:`checkpoint`.
     """
     where = "checkpoint_sequential"
     layers = _as_layers(layers, where)
@@ -408,7 +383,7 @@ def checkpoint_sequential(layers, segments, x, *, checkpoint_last=False, preserv
         if i == len(plan) - 1 and not checkpoint_last:
             x = run(x)  # the last segment: its activations are used as soon as the backward pass starts
         else:
-            x = checkpoint(run, x, preserve_rng_state=preserve_rng_state)
+            x = checkpoint(run, x, preserve_rng_state=preserve_rng_state, recompute_context=recompute_context)
     return x
 
 
@@ -456,15 +431,15 @@ class CheckpointedTransformer(nn.Module):
     def forward(self, tokens, *, mask=None):
         """tokens ``(B, T)`` int64 → logits ``(B, T, vocab)``, the model's own computation."""
         m = self.model
-        B, T = check_tokens(tokens, m.config, "CheckpointedTransformer")
-        pos = torch.arange(T, device=tokens.device)
-        x = m.drop(m.tok_emb(tokens) + m.pos_emb(pos))  # (B, T, d)
+        x = m.embed_tokens(tokens)  # (B, T, d)
         layers = list(m.blocks) if mask is None else [
             (lambda h, block=block: block(h, mask=mask)) for block in m.blocks]
-        # the blocks, segment by segment: only segment inputs are saved, the rest recomputed in backward
+        # the blocks, segment by segment: only segment inputs are saved, the rest recomputed in backward (where
+        # the model's auxiliary losses are not recorded a second time)
         x = checkpoint_sequential(layers, self.plan, x, checkpoint_last=self.checkpoint_last,
-                                  preserve_rng_state=self.preserve_rng_state)  # (B, T, d)
-        return m.head(m.ln_f(x))  # (B, T, vocab)
+                                  preserve_rng_state=self.preserve_rng_state,
+                                  recompute_context=m.recomputing)  # (B, T, d)
+        return m.logits(x)  # (B, T, vocab)
 
     def extra_repr(self):
         return f"strategy={self.strategy!r}, plan={self.plan}"
@@ -483,150 +458,23 @@ def checkpoint_model(model, strategy="sqrt", **kwargs):
 def recompute_timeline(model, inputs, loss_fn=None):
     """Live saved-for-backward bytes over one forward + backward, *including the recomputation*.
 
-    Like :func:`effedu.measure.memory_timeline` (same event dicts, one after each leaf module's forward and
-    backward), but the meter stays on during the backward pass, so the tensors a checkpointed segment saves when
-    it is recomputed are counted. Forward calls made during the backward pass are recomputations: their events
-    have ``phase="backward"`` and ``" (recompute)"`` after the module name. For a plain model this is exactly
-    ``memory_timeline``. The maximum of ``activation_bytes`` is the step's peak activation memory.
+    ``memory_timeline(model, inputs, loss_fn, through_backward=True)`` (same event dicts, one after each leaf
+    module's forward and backward), with the module names of a :class:`CheckpointedTransformer` given relative to
+    the wrapped model. The meter stays on during the backward pass, so the tensors a checkpointed segment saves
+    when it is recomputed are counted: those forward calls have ``phase="backward"`` and ``" (recompute)"`` after
+    the module name. For a plain model this is exactly ``memory_timeline``. The maximum of ``activation_bytes`` is
+    the step's peak activation memory.
     """
     where = "recompute_timeline"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{where}: model must be an nn.Module, got {type(model).__name__}")
-    if loss_fn is None:
-        loss_fn = lambda out: out.float().pow(2).mean()  # noqa: E731
-    elif not callable(loss_fn):
+    if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"{where}: loss_fn must be callable or None, got {type(loss_fn).__name__}")
-    device = next(model.parameters()).device
-    on_gpu = device.type == "cuda"
-    tracker = _SavedTensorTracker(_parameter_storages(model))
-    events, state = [], {"backward": False}
-
-    def record(phase, name):
-        events.append({"phase": phase, "module": name, "activation_bytes": tracker.live_bytes,
-                       "allocator_bytes": torch.cuda.memory_allocated(device) if on_gpu else None})
-
-    def on_forward(name):
-        def hook(mod, inp, out):
-            if state["backward"]:
-                record("backward", f"{name} (recompute)")
-            else:
-                record("forward", name)
-        return hook
-
-    def short(name):
-        return name[len("model."):] if isinstance(model, CheckpointedTransformer) else name
-
-    watch = [(short(n), m) for n, m in model.named_modules() if n and not any(True for _ in m.children())]
-    handles = []
-    for name, mod in watch:
-        handles.append(mod.register_forward_hook(on_forward(name)))
-        handles.append(mod.register_full_backward_hook(lambda m, gi, go, name=name: record("backward", name)))
-    try:
-        with warnings.catch_warnings():
-            # full backward hooks warn when a module's inputs need no gradient (token ids, no-grad forwards)
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            warnings.filterwarnings("ignore", message=".*does not require grad.*")
-            record("forward", "<start>")
-            with tracker.hooks():
-                out = model(inputs)
-                loss = loss_fn(out)
-                record("forward", "<loss>")
-                del out
-                state["backward"] = True
-                loss.backward()
-                del loss
-            record("backward", "<end>")
-    finally:
-        for h in handles:
-            h.remove()
+    events = memory_timeline(model, inputs, loss_fn, through_backward=True)
+    if isinstance(model, CheckpointedTransformer):
+        for e in events:
+            e["module"] = e["module"].removeprefix("model.")
     return events
 
 
-# --------------------------------------------------------------------------------------------------------------
-# benchmark: python -m effedu.bench checkpoint
-# --------------------------------------------------------------------------------------------------------------
-
-
-def bench_checkpoint(args):
-    """Gradient checkpointing: saved activation bytes and step time of plain / every layer / √L vs torch."""
-    import time
-
-    import torch.utils.checkpoint as tuc
-
-    from ..measure import saved_activation_bytes
-    from ..model import Transformer, TransformerConfig
-
-    torch.set_num_threads(args.threads)
-    L, d, T, B = (9, 32, 32, 2) if args.quick else (12, 256, 512, 8)
-    torch.manual_seed(0)
-    cfg = TransformerConfig(vocab_size=64, d_model=d, n_heads=4, n_layers=L, d_ff=4 * d, max_len=T)
-    model = Transformer(cfg)
-    tokens = torch.randint(0, 64, (B, T), generator=torch.Generator().manual_seed(0))
-
-    class TorchEveryLayer(nn.Module):  # the oracle: torch.utils.checkpoint around every block but the last
-        def __init__(self, reentrant):
-            super().__init__()
-            self.m, self.reentrant = model, reentrant
-
-        def forward(self, tok):
-            m = self.m
-            x = m.drop(m.tok_emb(tok) + m.pos_emb(torch.arange(tok.shape[1])))
-            for i, blk in enumerate(m.blocks):
-                x = tuc.checkpoint(blk, x, use_reentrant=self.reentrant) if i < L - 1 else blk(x)
-            return m.head(m.ln_f(x))
-
-    variants = {
-        "plain": model,
-        "effedu every layer": CheckpointedTransformer(model, "every"),
-        f"effedu √L {segment_plan(L, 'sqrt')}": CheckpointedTransformer(model, "sqrt"),
-        "torch.utils.checkpoint every layer (reentrant)": TorchEveryLayer(True),
-        "torch.utils.checkpoint every layer (non-reentrant)": TorchEveryLayer(False),
-    }
-
-    def step(fn):
-        model.zero_grad(set_to_none=True)
-        fn(tokens).float().pow(2).mean().backward()
-
-    saved = {name: saved_activation_bytes(fn, tokens) for name, fn in variants.items()}
-    # time: each variant in turn (one untimed step first, so the allocator settles on that variant's memory —
-    # interleaving single steps favours whichever variant follows a bigger one), rounds in forward then reverse
-    # order, the fastest step per variant: robust to other work on the machine
-    rounds, repeat = 2, (3 if args.quick else 2)
-    names = list(variants)
-    times = {name: [] for name in names}
-    for r in range(rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            step(variants[name])
-            for _ in range(repeat):
-                t0 = time.perf_counter()
-                step(variants[name])
-                times[name].append(time.perf_counter() - t0)
-    best = {name: min(ts) for name, ts in times.items()}
-    plain_bytes, t_plain = saved["plain"], best["plain"]
-    width = max(len(n) for n in variants)
-    header = f"{'variant':{width}s} | {'saved MiB':>9} | {'vs plain':>8} | {'step ms':>8} | {'time ×':>6}"
-    lines = [f"gradient checkpointing: Transformer L={L}, d={d}, T={T}, B={B}, float32, {args.threads} threads; "
-             f"time = fastest of {rounds * repeat} forward+backward steps",
-             header, "-" * len(header)]
-    for name in variants:
-        lines.append(f"{name:{width}s} | {saved[name] / 2**20:9.1f} | {saved[name] / plain_bytes:8.1%} | "
-                     f"{best[name] * 1e3:8.1f} | {best[name] / t_plain:5.2f}×")
-    # the memory model from the plain model at two depths: a = one layer, base = the rest, c = one checkpoint
-    one = Transformer(cfg.replace(n_layers=1))
-    one.load_state_dict({k: v for k, v in model.state_dict().items()
-                         if not k.startswith("blocks.") or k.startswith("blocks.0.")})
-    b1 = saved_activation_bytes(one, tokens)
-    a = (plain_bytes - b1) // (L - 1)
-    base, c = b1 - a, B * T * d * 4
-    names = list(variants)
-    lines.append("")
-    for name, strategy in ((names[1], "every"), (names[2], "sqrt")):
-        pred = predicted_activation_bytes(segment_plan(L, strategy), a, c, base)
-        lines.append(f"{name}: measured {saved[name] / 2**20:.2f} MiB, predicted base + (k−1)·c + |last|·a = "
-                     f"{pred / 2**20:.2f} MiB ({(saved[name] - pred) / pred:+.1%})")
-    lines.append(f"time overhead (target ≤ 1.5×, one extra forward): every layer {best[names[1]] / t_plain:.2f}×, "
-                 f"√L {best[names[2]] / t_plain:.2f}×, torch non-reentrant {best[names[4]] / t_plain:.2f}×")
-    return "\n".join(lines)
-
-
-BENCHMARKS = {"checkpoint": bench_checkpoint}
+# benchmark: `python -m effedu.bench checkpoint` (effedu/bench/checkpoint.py)

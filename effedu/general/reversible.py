@@ -60,13 +60,12 @@ itself; ``torch.utils.checkpoint`` (recompute instead of store, chapter 02) is w
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.nn as nn
 
-from .._checks import check_tokens
-from ..model import FeedForward, MultiHeadAttention, TransformerConfig
+from ..model import AuxLossChannel, MultiHeadAttention, Transformer, TransformerConfig, build_ffn, init_weights
+from .rng import RngState, replay_rng
 
 __all__ = [
     "ReversibleBlock", "ReversibleSequence", "ReversibleFunction", "ReversibleTransformer",
@@ -122,29 +121,9 @@ def merge_channels(x1, x2):
 # --------------------------------------------------------------------------------------------------------------
 
 
-class _RNGState:
-    """The CPU generator's state (and the CUDA generator's of ``device``) at one moment."""
-
-    __slots__ = ("cpu", "cuda", "device")
-
-    def __init__(self, device):
-        self.device = device
-        self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-    @contextlib.contextmanager
-    def replay(self):
-        """Run the body with the generators set to this state; restore the current state afterwards."""
-        devices = [self.device] if self.cuda is not None else []
-        with torch.random.fork_rng(devices=devices):
-            torch.set_rng_state(self.cpu)
-            if self.cuda is not None:
-                torch.cuda.set_rng_state(self.cuda, self.device)
-            yield
-
-
-def _replay(state):
-    return state.replay() if state is not None else contextlib.nullcontext()
+# RngState (general/rng.py): the CPU generator's state and the CUDA generator's of the inputs' device, recorded
+# before each f and g in the forward pass; replay_rng(state) runs the recomputation with it (torch.random.fork_rng)
+# and puts the generators back afterwards.
 
 
 def _trainable(module):
@@ -173,6 +152,7 @@ class ReversibleBlock(nn.Module):
                     f"got {type(m).__name__}"
                 )
         self.f, self.g = f, g
+        self.recompute_context = None  # e.g. model.recomputing: entered while f and g run again in backward
 
     def forward(self, x1, x2):
         _check_pair(x1, x2, ("x1", "x2"), "ReversibleBlock.forward")
@@ -181,6 +161,10 @@ class ReversibleBlock(nn.Module):
         # y₂ = x₂ + g(y₁)
         y2 = x2 + self.g(y1)
         return y1, y2
+
+    def recomputing(self):
+        """The context f and g run again in during the backward pass (the model's: no aux loss recorded twice)."""
+        return self.recompute_context() if self.recompute_context is not None else contextlib.nullcontext()
 
     @torch.no_grad()
     def inverse(self, y1, y2):
@@ -205,7 +189,7 @@ class ReversibleBlock(nn.Module):
         # --- g: recompute g(y₁) with the forward's random numbers, then one vector-Jacobian product
         with torch.enable_grad():
             y1_leaf = y1.requires_grad_(True)
-            with _replay(rng_g):
+            with replay_rng(rng_g), self.recomputing():
                 gy1 = self.g(y1_leaf)  # (…, d)
             grads = _vjp(gy1, [y1_leaf, *g_params], dy2)
         # dŷ₁ = dy₁ + (∂g/∂y₁)ᵀ dy₂
@@ -219,7 +203,7 @@ class ReversibleBlock(nn.Module):
         # --- f: recompute f(x₂) on the rebuilt x₂, then one vector-Jacobian product
         with torch.enable_grad():
             x2_leaf = x2.requires_grad_(True)
-            with _replay(rng_f):
+            with replay_rng(rng_f), self.recomputing():
                 fx2 = self.f(x2_leaf)  # (…, d)
             grads = _vjp(fx2, [x2_leaf, *f_params], dy1_total)
         param_grads += zip(f_params, grads[1:])
@@ -257,10 +241,10 @@ class ReversibleFunction(torch.autograd.Function):
         # autograd is off inside forward: f and g run without storing anything
         states = []
         for block in blocks:
-            rng_f = _RNGState(x2.device) if preserve_rng_state else None
+            rng_f = RngState((x2,)) if preserve_rng_state else None
             # y₁ = x₁ + f(x₂)
             y1 = x1 + block.f(x2)
-            rng_g = _RNGState(x2.device) if preserve_rng_state else None
+            rng_g = RngState((x2,)) if preserve_rng_state else None
             # y₂ = x₂ + g(y₁)
             y2 = x2 + block.g(y1)
             states.append((rng_f, rng_g))
@@ -388,13 +372,13 @@ def reconstruction_errors(sequence, x1, x2):
 class AttentionSublayer(nn.Module):
     """f(x) = Dropout(MHA(LN(x))): the residual branch of a pre-LN attention sub-layer (no residual here)."""
 
-    def __init__(self, config, width=None):
+    def __init__(self, config, width=None, layer_index=0):
         super().__init__()
         width = config.d_model if width is None else width
+        lc = config.replace(d_model=width).layer(layer_index)  # this layer's n_heads and attention_kwargs
         self.ln = nn.LayerNorm(width)
-        self.attn = MultiHeadAttention(width, config.n_heads, config.attention, causal=config.causal,
-                                       attention_kwargs=config.attention_kwargs,
-                                       config=config.replace(d_model=width))
+        self.attn = MultiHeadAttention(width, lc.n_heads, config.attention, causal=config.causal,
+                                       attention_kwargs=lc.attention_kwargs, config=lc)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x):  # (B, T, width) → (B, T, width)
@@ -402,13 +386,13 @@ class AttentionSublayer(nn.Module):
 
 
 class FeedForwardSublayer(nn.Module):
-    """g(x) = Dropout(FFN(LN(x))): the residual branch of a pre-LN feed-forward sub-layer."""
+    """g(x) = Dropout(FFN(LN(x))): the residual branch of a pre-LN feed-forward sub-layer (``config.ffn``)."""
 
-    def __init__(self, config, width=None):
+    def __init__(self, config, width=None, layer_index=0):
         super().__init__()
         width = config.d_model if width is None else width
         self.ln = nn.LayerNorm(width)
-        self.ffn = FeedForward(width, config.d_ff, config.dropout)
+        self.ffn = build_ffn(config if width == config.d_model else config.replace(d_model=width), layer_index)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x):  # (B, T, width) → (B, T, width)
@@ -457,27 +441,26 @@ class ReversibleTransformer(nn.Module):
         self.pos_emb = nn.Embedding(config.max_len, config.d_model)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = ReversibleSequence(
-            [ReversibleBlock(AttentionSublayer(config, width), FeedForwardSublayer(config, width))
-             for _ in range(config.n_layers)],
+            [ReversibleBlock(AttentionSublayer(config, width, i), FeedForwardSublayer(config, width, i))
+             for i in range(config.n_layers)],
             preserve_rng_state=preserve_rng_state,
         )
         self.ln_f = nn.LayerNorm(config.d_model)
         self.head = nn.Linear(config.d_model, config.vocab_size)
-        self.apply(self._init_weights)
+        self.apply(init_weights)
+        self.aux_channel = AuxLossChannel()
+        for m in self.modules():  # auxiliary losses (config.ffn), not recorded again when f and g are recomputed
+            m.aux_channel = self.aux_channel
+        for block in self.blocks.blocks:
+            block.recompute_context = self.recomputing
 
-    @staticmethod
-    def _init_weights(m):
-        # GPT-2 style, as effedu.model.Transformer: N(0, 0.02) weights, zero biases
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
+    _init_weights = staticmethod(init_weights)  # the old name
+    # the same embedding, head and auxiliary-loss channel as effedu.model.Transformer (same attribute names)
+    embed_tokens, logits = Transformer.embed_tokens, Transformer.logits
+    aux_loss, recomputing = Transformer.aux_loss, Transformer.recomputing
 
     def forward(self, tokens, *, memory_efficient=True):
-        check_tokens(tokens, self.config, "ReversibleTransformer")
-        T = tokens.shape[1]
-        pos = torch.arange(T, device=tokens.device)
-        x = self.drop(self.tok_emb(tokens) + self.pos_emb(pos))  # (B, T, d)
+        x = self.embed_tokens(tokens)  # (B, T, d)
         if self.coupling == "duplicate":
             # x₁ = x₂ = x                                                  (B, T, d) each
             y1, y2 = self.blocks(x, x, memory_efficient=memory_efficient)
@@ -488,50 +471,7 @@ class ReversibleTransformer(nn.Module):
             x1, x2 = split_channels(x)
             y1, y2 = self.blocks(x1, x2, memory_efficient=memory_efficient)
             h = merge_channels(y1, y2)  # (B, T, d)
-        return self.head(self.ln_f(h))  # (B, T, vocab)
+        return self.logits(h)  # (B, T, vocab)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# benchmark: python -m effedu.bench reversible
-# --------------------------------------------------------------------------------------------------------------
-
-
-def bench_reversible(args):
-    """Saved activation bytes and training-step time: plain Transformer vs reversible, 2 and 12 layers."""
-    from ..measure import saved_activation_bytes, time_it
-    from ..model import Transformer
-
-    torch.set_num_threads(args.threads)
-    B, T, d = (2, 128, 128) if args.quick else (8, 512, 256)
-    depths = (2, 12)
-    lines = [f"reversible layers: B={B} T={T} d={d} heads=4 d_ff={4 * d} float32, {args.threads} threads; "
-             f"saved = bytes autograd keeps for backward (effedu.measure)",
-             f"{'model':>22} | {'layers':>6} | {'saved MiB':>10} | {'fwd+bwd ms':>10} | {'time / plain':>12}"]
-    lines.append("-" * len(lines[-1]))
-    saved = {}
-    for L in depths:
-        cfg = TransformerConfig(vocab_size=64, d_model=d, n_heads=4, n_layers=L, d_ff=4 * d, max_len=T)
-        tokens = torch.randint(0, 64, (B, T), generator=torch.Generator().manual_seed(0))
-        t_plain = None
-        for name, make in (("plain Transformer", lambda: Transformer(cfg)),
-                           ("reversible (duplicate)", lambda: ReversibleTransformer(cfg))):
-            torch.manual_seed(0)
-            model = make()
-            saved[name, L] = saved_activation_bytes(model, tokens)
-
-            def step():
-                model.zero_grad(set_to_none=True)
-                model(tokens).float().pow(2).mean().backward()
-
-            t = time_it(step, warmup=1, repeat=3)
-            t_plain = t if t_plain is None else t_plain
-            lines.append(f"{name:>22} | {L:>6} | {saved[name, L] / 2**20:>10.1f} | {t * 1e3:>10.1f} | "
-                         f"{t / t_plain:>11.2f}×")
-    r = saved["reversible (duplicate)", 12] / saved["reversible (duplicate)", 2]
-    p = saved["plain Transformer", 12] / saved["plain Transformer", 2]
-    lines += ["", f"target: reversible saved bytes at 12 layers within 10% of 2 layers → ratio {r:.3f} "
-                  f"(plain: {p:.2f}×)"]
-    return "\n".join(lines)
-
-
-BENCHMARKS = {"reversible": bench_reversible}
+# benchmark: `python -m effedu.bench reversible` (effedu/bench/reversible.py)
