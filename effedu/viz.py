@@ -3,7 +3,7 @@
 Every chapter of the course ends its "Measure" section with a picture: attention maps per head, activation memory
 rising through the forward pass and falling through the backward pass, gradient norms per layer, time and memory
 against the sequence length n on log-log axes (where a straight line of slope p means cost ∝ nᵖ), FLOP shares,
-training curves. This module holds those pictures, one function each, so that every notebook draws them the same
+training curves, and the Gantt charts of a pipeline schedule (chapter 09), planned and measured. This module holds those pictures, one function each, so that every notebook draws them the same
 way and the tests can check them.
 
 Rules every function here follows:
@@ -39,6 +39,16 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter, NullLocator
 
+from ._checks import check_int
+from .general.pipeline import (
+    bubble_fraction,
+    busy_fractions,
+    gpipe_schedule,
+    ideal_step_time,
+    idle_fraction,
+    schedule_events,
+)
+
 __all__ = [
     "CourseFigure",
     "to_mib",
@@ -51,6 +61,10 @@ __all__ = [
     "plot_bars",
     "plot_stacked_share",
     "plot_curves",
+    "new_figure",
+    "plot_gantt",
+    "plot_gpipe",
+    "plot_measured_pipeline",
 ]
 
 MIB = 2**20  # bytes in one mebibyte (MiB); the course reports memory in MiB throughout
@@ -81,9 +95,12 @@ class CourseFigure(Figure):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _new_figure(width, height):
-    """A constrained-layout figure that pyplot does not know about."""
+def new_figure(width, height):
+    """A constrained-layout :class:`CourseFigure` of ``width`` × ``height`` inches that pyplot does not know about."""
     return CourseFigure(figsize=(width, height), layout="constrained")
+
+
+_new_figure = new_figure  # the old name
 
 
 def _check_str(value, name, where):
@@ -273,7 +290,7 @@ def plot_attention_heads(
     # a panel is ~2.6 in wide; with readable token labels it grows with the number of tokens (up to 5 in)
     labelled = (tokens is not None and S <= 40) or (query_tokens is not None and T <= 40)
     panel = min(5.0, max(2.6, 0.14 * max(T, S) + 1.0)) if labelled else 2.6
-    fig = _new_figure(ncols * panel + 1.6, nrows * panel + (1.3 if labelled else 0.8))
+    fig = new_figure(ncols * panel + 1.6, nrows * panel + (1.3 if labelled else 0.8))
     grid = fig.subplots(nrows, ncols, squeeze=False)
 
     vmax = float(w[:shown].max())
@@ -399,7 +416,7 @@ def plot_memory_timeline(timeline, *, title="Activation memory over one training
 
     if ax is None:
         longest = max(len(r[0]) for r in runs.values())
-        fig = _new_figure(min(12.0, max(7.5, 0.22 * longest + 3.0)), 4.8)
+        fig = new_figure(min(12.0, max(7.5, 0.22 * longest + 3.0)), 4.8)
         ax = fig.subplots()
     else:
         fig = ax.figure
@@ -502,7 +519,7 @@ def plot_gradient_flow(norms, *, title="Gradient norm per layer", log=True):
     if not isinstance(norms, Mapping):
         norms = {"gradient norm": norms}
     _check_series_dict(norms, "norms", where)
-    fig = _new_figure(7.5, 4.5)
+    fig = new_figure(7.5, 4.5)
     ax = fig.subplots()
     longest = 0
     for label, values in norms.items():
@@ -595,7 +612,7 @@ def plot_scaling(
         i = int(np.argmax(n <= 0))
         raise ValueError(f"{where}: ns must be > 0 on a log x axis, got {n[i]} at index {i} (or pass logx=False)")
     _check_series_dict(series, "series", where)
-    fig = _new_figure(7.5, 4.8)
+    fig = new_figure(7.5, 4.8)
     ax = fig.subplots()
     handles, fitted_any = [], False
     for k, (label, values) in enumerate(series.items()):
@@ -666,7 +683,7 @@ def plot_bars(labels, values, *, ylabel, title, annotate=True, ax=None):
     if len(labels) != v.size:
         raise ValueError(f"{where}: labels and values must have the same length, got {len(labels)} and {v.size}")
     if ax is None:
-        fig = _new_figure(min(12.0, max(5.5, 0.8 * v.size + 2.5)), 4.5)
+        fig = new_figure(min(12.0, max(5.5, 0.8 * v.size + 2.5)), 4.5)
         ax = fig.subplots()
     else:
         fig = ax.figure
@@ -721,7 +738,7 @@ def plot_stacked_share(xs, parts, *, xlabel, ylabel="share of FLOPs (%)", title)
     # share_k(x) = 100 · part_k(x) / Σ_k part_k(x)
     share = 100.0 * table / total
 
-    fig = _new_figure(min(12.0, max(6.5, 0.75 * len(xs) + 3.5)), 4.5)
+    fig = new_figure(min(12.0, max(6.5, 0.75 * len(xs) + 3.5)), 4.5)
     ax = fig.subplots()
     palette = colormaps["Set2"]
     x = np.arange(len(xs))
@@ -771,7 +788,7 @@ def plot_curves(curves, *, xlabel="step", ylabel="loss", title="Training curves"
         _check_str(value, name, where)
     logy = _check_bool(logy, "logy", where)
     _check_series_dict(curves, "curves", where)
-    fig = _new_figure(7.5, 4.5)
+    fig = new_figure(7.5, 4.5)
     ax = fig.subplots()
     for label, value in curves.items():
         xs, ys = _split_curve(value, label, where)
@@ -790,4 +807,144 @@ def plot_curves(curves, *, xlabel="step", ylabel="loss", title="Training curves"
     if len(curves) > 1:
         ax.legend()
     ax.grid(alpha=0.3)
+    return fig
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pipeline schedules (chapter 09, effedu.general.pipeline): Gantt charts of planned and measured runs
+# ---------------------------------------------------------------------------------------------------------------
+
+_KIND_COLOUR = {"F": "#4c78a8", "B": "#f58518"}
+
+
+def plot_gantt(events, *, n_stages=None, unit="tick", title="Pipeline schedule", ax=None, label_micro=None):
+    """Gantt chart: one row per stage, forward (blue) and backward (orange) boxes, the idle bubble shaded.
+
+    ``events``: dicts ``{"stage", "kind", "micro", "start", "end"}`` (from :func:`schedule_events`, or measured:
+    ``run_pipeline(...)["events"]`` with ``unit="ms"``, times in seconds converted to ms).
+    """
+    if not isinstance(events, (list, tuple)) or not events:
+        raise ValueError("plot_gantt: events must be a non-empty list of event dicts")
+    if unit not in ("tick", "ms"):
+        raise ValueError(f"plot_gantt: unit must be 'tick' or 'ms', got {unit!r}")
+    K = n_stages if n_stages is not None else 1 + max(e["stage"] for e in events)
+    scale = 1e3 if unit == "ms" else 1
+    t0 = min(e["start"] for e in events) * scale
+    t1 = max(e["end"] for e in events) * scale
+    if ax is None:
+        fig = new_figure(10, 0.55 * K + 1.6)
+        ax = fig.subplots()
+    else:
+        fig = ax.figure
+    if label_micro is None:
+        label_micro = len(events) <= 80
+    ax.barh(range(K), [t1 - t0] * K, left=t0, height=0.8, color="#d9d9d9", hatch="//", edgecolor="#bdbdbd", lw=0)
+    for e in events:
+        start, end = e["start"] * scale, e["end"] * scale
+        ax.barh(e["stage"], end - start, left=start, height=0.8, color=_KIND_COLOUR[e["kind"]], edgecolor="white", lw=0.8)
+        if label_micro:
+            # displayed 1-based (stage 1..K, micro-batch 1..M); the API counts from 0
+            ax.text((start + end) / 2, e["stage"], str(e["micro"] + 1), ha="center", va="center", color="white",
+                    fontsize=8)
+    ax.set_yticks(range(K), labels=[f"stage {s + 1}" for s in range(K)])
+    ax.set_ylim(K - 0.5, -0.5)
+    ax.set_xlim(t0, t1)
+    ax.set_xlabel("time (ticks: one forward or backward of one micro-batch)" if unit == "tick" else "time (ms)")
+    if unit == "tick":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(title)
+    ax.legend(handles=[Patch(color=_KIND_COLOUR["F"], label="forward (micro-batch #)"),
+                       Patch(color=_KIND_COLOUR["B"], label="backward (micro-batch #)"),
+                       Patch(facecolor="#d9d9d9", hatch="//", edgecolor="#bdbdbd", label="idle (bubble)")],
+              loc="upper center", bbox_to_anchor=(0.5, -0.32 if K <= 2 else -0.18), ncol=3, frameon=False, fontsize=8)
+    return fig
+
+
+def plot_gpipe(n_stages=4, n_micro=8):
+    """The GPipe schedule for K stages and M micro-batches (left) and the bubble fraction vs M for this K (right)."""
+    K = check_int(n_stages, "n_stages", "plot_gpipe")
+    M = check_int(n_micro, "n_micro", "plot_gpipe")
+    schedule = gpipe_schedule(K, M)
+    fig = new_figure(13, max(3.6, 0.45 * K + 2.2))
+    left, right = fig.subplots(1, 2, width_ratios=[3, 1])
+    plot_gantt(schedule_events(schedule), n_stages=K, ax=left,
+               title=f"GPipe, K={K} stages, M={M} micro-batches: bubble {bubble_fraction(K, M):.0%} "
+                     f"(counted: {idle_fraction(schedule, K):.0%})")
+    ms = list(range(1, max(4 * K, M) * 2 + 1))
+    right.plot(ms, [100 * bubble_fraction(K, m) for m in ms], color="C3", label="(K−1)/(M+K−1)")
+    right.plot([M], [100 * bubble_fraction(K, M)], "o", color="black", label=f"M={M}")
+    right.axvline(4 * K, ls="--", color="gray", label="M = 4K (GPipe's rule)")
+    right.set_xlabel("micro-batches M")
+    right.set_ylabel("bubble (% of pipeline time idle)")
+    right.set_title(f"Bubble vs M (K={K})")
+    right.set_ylim(0, 100)
+    right.grid(alpha=0.3)
+    right.legend(fontsize=8)
+    return fig
+
+
+def plot_measured_pipeline(runs, n_micro=None, remat=False):
+    """Cost vs benefit of micro-batching, *measured*: the Gantt chart of one run and the table it belongs to.
+
+    ``runs``: the list :func:`run_pipelines` returns (several M, with and without ``remat``). Top: the measured
+    Gantt chart of ``(n_micro, remat)``. Bottom, against M, the chosen M circled: the measured bubble next to
+    (K−1)/(M+K−1); the measured step time next to the ideal one (:func:`ideal_step_time` from the M = 1 run: what
+    the formula promises); the activation memory each stage holds for backward (the benefit of rematerialisation,
+    counted in bytes).
+    """
+    where = "plot_measured_pipeline"
+    if not isinstance(runs, (list, tuple)) or not runs or not all(isinstance(r, dict) and "events" in r for r in runs):
+        raise TypeError(f"{where}: runs must be the non-empty list that run_pipelines returns")
+    table = {(r["n_micro"], r["remat"]): r for r in runs}
+    K = runs[0]["n_stages"]
+    Ms = sorted({M for M, _ in table})
+    if n_micro is None:
+        n_micro = Ms[len(Ms) // 2]
+    if (n_micro, remat) not in table:
+        raise ValueError(f"{where}: no measured run for n_micro={n_micro}, remat={remat}; measured: "
+                         f"{sorted(table)}")
+    r = table[(n_micro, remat)]
+    fig = new_figure(13, 7.6)
+    grid = fig.add_gridspec(2, 3, height_ratios=[1, 1.25])
+    gantt = fig.add_subplot(grid[0, :])
+    ax_b, ax_t, ax_m = (fig.add_subplot(grid[1, i]) for i in range(3))
+    ideal = ideal_step_time(table[(1, remat)]["events"], n_micro, K) if (1, remat) in table else None
+    busy = busy_fractions(r["events"], K)
+    plot_gantt(r["events"], n_stages=K, unit="ms", ax=gantt,
+               title=(f"Measured, {K} processes, M={n_micro}, {'rematerialised' if remat else 'plain'}: step "
+                      f"{r['wall_time'] * 1e3:.0f} ms" + (f" (ideal {ideal * 1e3:.0f} ms)" if ideal else "")
+                      + f", bubble {r['measured_bubble']:.0%} (predicted {r['predicted_bubble']:.0%}), busy "
+                      + ", ".join(f"stage {s + 1} {b:.0%}" for s, b in enumerate(busy))))
+    ms_curve = list(range(1, max(Ms) + 1))
+    ax_b.plot(ms_curve, [100 * bubble_fraction(K, m) for m in ms_curve], color="C3", label="predicted (K−1)/(M+K−1)")
+    for variant, style, name in ((False, "-", "plain"), (True, "--", "remat")):
+        ms = [m for m in Ms if (m, variant) in table]
+        if not ms:
+            continue
+        rows = [table[(m, variant)] for m in ms]
+        ax_b.plot(ms, [100 * x["measured_bubble"] for x in rows], style, marker="o", color="black",
+                  label=f"measured, {name}")
+        ax_t.plot(ms, [1e3 * x["wall_time"] for x in rows], style, marker="o", color="black", label=f"measured, {name}")
+        if (1, variant) in table:
+            ax_t.plot(ms, [1e3 * ideal_step_time(table[(1, variant)]["events"], m, K) for m in ms], style,
+                      color="C3", label=f"ideal from M=1, {name}")
+        for s in range(K):
+            ax_m.plot(ms, [x["activation_peak_bytes"][s] / 2**20 for x in rows], style, marker="o", color=f"C{s}",
+                      label=f"stage {s + 1}, {name}")
+    here = [(ax_b, 100 * r["measured_bubble"]), (ax_t, 1e3 * r["wall_time"])]
+    here += [(ax_m, b / 2**20) for b in r["activation_peak_bytes"]]
+    for ax, y in here:
+        ax.plot([n_micro], [y], "o", ms=13, mfc="none", mec="C2", mew=2)
+    for ax, ylabel, title in ((ax_b, "bubble (% of step idle)", "Benefit: the bubble shrinks"),
+                              (ax_t, "step time (ms)", "Cost: time per step"),
+                              (ax_m, "held for backward (MiB)", "Memory per stage (peak)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(Ms, labels=[str(m) for m in Ms])
+        ax.minorticks_off()
+        ax.set_xlabel("micro-batches M")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    ax_b.set_ylim(0, 100)
     return fig

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from _oracles import TOL
 from effedu.general import microbatch as mb
+from effedu.general import pipeline as pl
 from effedu.model import Transformer, TransformerConfig
 from effedu.train import IGNORE, default_step
 
@@ -18,10 +19,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-needs_checkpoint = pytest.mark.skipif(mb._checkpoint is None,
-                                      reason="effedu.general.checkpoint (chapter 02) is not there yet")
 
 
 def tiny_model(n_layers=4, dtype=torch.float64, seed=0):
@@ -238,7 +235,6 @@ def test_gpipe_stage_holds_all_micro_batches():
         assert abs(a - b) <= 0.05 * a
 
 
-@needs_checkpoint
 def test_rematerialisation_keeps_gradients_and_cuts_stage_memory():
     model = tiny_model()
     batch = ragged_batch(B=8)
@@ -264,9 +260,7 @@ def test_two_process_pipeline_equals_single_process():
     batch = ragged_batch()
     full_loss = mb.full_batch_gradients(model, batch)
     ref = grads_of(model)
-    configs = [{"n_micro": 3}]
-    if mb._checkpoint is not None:
-        configs.append({"n_micro": 2, "remat": True})
+    configs = [{"n_micro": 3}, {"n_micro": 2, "remat": True}]
     results = mb.run_pipelines(model, batch, configs, n_stages=2, warmup=0, repeats=2, timeout=300)
     for cfg, res in zip(configs, results):
         assert len(res["step_times"]) == 2 and res["wall_time"] == pytest.approx(min(res["step_times"]))  # best
@@ -408,3 +402,31 @@ def test_bad_input():
     with pytest.raises(ValueError, match="must come after"):
         mb.simulate_pipeline(model, batch, 1, 2, schedule=[{0: ("F", 0), 1: ("F", 0)}, {1: ("B", 0)}, {0: ("B", 0)}])
     assert multiprocessing.active_children() == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# module layout: the pipeline in effedu.general.pipeline, its plots in effedu.viz, all re-exported here
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_pipeline_names_are_reexported_from_microbatch():
+    from effedu import viz
+
+    for name in pl.__all__:
+        assert getattr(mb, name) is getattr(pl, name), name
+    for name in ("plot_gantt", "plot_gpipe", "plot_measured_pipeline"):
+        assert getattr(mb, name) is getattr(viz, name), name
+    assert mb._StageRunner is pl.StageRunner  # the old name, printed by notebook 09
+
+
+def test_stages_reuse_the_model_seams():
+    model = tiny_model(n_layers=2)
+    x, _ = ragged_batch(B=3)
+    first, last = mb.split_transformer(model, 2)
+    torch.manual_seed(0)
+    torch.testing.assert_close(first.embed(x), model.embed_tokens(x), rtol=0, atol=0)
+    h = torch.randn(3, x.shape[1], model.config.d_model, dtype=torch.float64)
+    torch.testing.assert_close(last.body(h), model.logits(model.blocks[1](h)), rtol=0, atol=0)
+    # a stage owns only its own layers' parameters (the bound seams do not register the whole model)
+    assert {id(p) for p in first.parameters()}.isdisjoint({id(p) for p in last.parameters()})
+    assert sum(p.numel() for st in (first, last) for p in st.parameters()) == sum(p.numel() for p in model.parameters())

@@ -491,3 +491,24 @@ def test_log_scale_labels_only_major_ticks():
         viz.log_scale(ax2, "x", ticks=[0, 1])
     with pytest.raises(TypeError, match="Axes"):
         viz.log_scale(None)
+
+
+def test_new_figure_is_public_and_outside_pyplot():
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    fig = viz.new_figure(4, 3)
+    assert isinstance(fig, viz.CourseFigure) and tuple(fig.get_size_inches()) == (4, 3)
+    assert plt.get_fignums() == before  # pyplot does not know about it
+    assert viz._new_figure is viz.new_figure  # the old name still works
+
+
+def test_pipeline_gantt_plots_live_in_viz():
+    fig = viz.plot_gpipe(2, 3)
+    assert isinstance(fig, Figure) and "bubble 25%" in fig.axes[0].get_title()
+    events = [{"stage": 0, "kind": "F", "micro": 0, "start": 0.0, "end": 0.001},
+              {"stage": 1, "kind": "F", "micro": 0, "start": 0.001, "end": 0.002}]
+    ax_fig = viz.plot_gantt(events, unit="ms")
+    assert ax_fig.axes[0].get_xlabel() == "time (ms)"
+    with pytest.raises(ValueError, match="unit must be 'tick' or 'ms'"):
+        viz.plot_gantt(events, unit="s")

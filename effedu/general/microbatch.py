@@ -1,7 +1,8 @@
-"""Micro-batching and pipeline parallelism: gradient accumulation, the GPipe schedule and its bubble (survey §3.7).
+"""Micro-batching: gradient accumulation, exact for a ragged batch; chapter 09 of the course (survey §3.7).
 
 Papers: Huang et al. 2019, *GPipe: Efficient Training of Giant Neural Networks using Pipeline Parallelism*
-(NeurIPS); rematerialisation from Chen et al. 2016, *Training Deep Nets with Sublinear Memory Cost* (chapter 02).
+(NeurIPS), where micro-batches feed a pipeline; rematerialisation from Chen et al. 2016, *Training Deep Nets with
+Sublinear Memory Cost* (chapter 02).
 
 **Micro-batching.** A mini-batch of B sequences is cut into M *micro-batches*. Each one runs forward and backward on
 its own and the parameter gradients are *accumulated* (autograd adds into ``.grad``) before one optimizer step. The
@@ -14,129 +15,128 @@ N = Σ nₘ, so
 
 The naive mean of the micro-batch means, (1/M) Σₘ Lₘ, is a different function as soon as the nₘ differ.
 
-**Pipeline parallelism (GPipe).** Put consecutive layers on K devices ("stages"). Stage s computes its layers and
-sends the activations to stage s+1. In the backward pass, stage s+1 sends the gradient with respect to those
-activations back to stage s. With one batch only one stage works at a time. GPipe feeds the M micro-batches in a
-wave: micro-batch m runs forward on stage s at tick s + m. After the last forward (a *flush*) the backward wave runs
-from the last stage to the first. Each stage is busy for 2M of the 2(M+K−1) ticks, so the idle *bubble* is
-
-    bubble = (K − 1) / (M + K − 1)                      (GPipe; negligible when M ≥ 4K)
-
-Each stage holds the activations of all M micro-batches at the end of the forward wave. GPipe therefore
-*rematerialises* them: a stage keeps only its input per micro-batch and recomputes the rest in the backward pass
-(chapter 02's ``checkpoint``).
-
 **Batch Norm caveat.** Micro-batching is exact only when the model treats samples independently. Batch Norm
 normalises with statistics *of the batch it sees*, so its micro-batch statistics differ from the full batch's and
 the accumulated gradient is not the full-batch gradient. LayerNorm (the Transformer's) normalises each token on its
 own and keeps the equivalence.
 
-This module holds:
+**Pipeline parallelism** puts consecutive layers on K devices and feeds them the micro-batches in a wave (GPipe);
+its schedule, its bubble (K − 1) / (M + K − 1) and a real pipeline of K processes are in
+``effedu.general.pipeline``, its Gantt charts in ``effedu.viz``. This module re-exports both under their names
+(``microbatch.gpipe_schedule``, ``microbatch.run_pipeline``, ``microbatch.plot_gpipe``, ...), so chapter 09 needs
+one import.
 
-* ``accumulate_gradients`` (with the plain reference ``full_batch_gradients``) and ``accumulation_step`` for
-  ``effedu.train.train``;
-* ``gpipe_schedule``, ``check_schedule``, ``idle_fraction`` and ``bubble_fraction``;
-* ``split_transformer`` (an ``effedu.model.Transformer`` cut into K stages);
-* ``simulate_pipeline``: the schedule run in one process, deterministic, with per-stage activation bytes;
-* ``run_pipeline`` / ``run_pipelines``: a real pipeline, one process per stage, ``torch.distributed`` (gloo,
-  loopback only) ``send``/``recv`` between stages, with measured per-stage timings and memory. On GPUs the same
-  pattern runs with the nccl backend, one device per stage (the receive buffers would then live on that device).
-  Each configuration is repeated in interleaved rounds and the fastest run kept (``pick="best"``);
-* ``measured_bubble``, ``busy_fractions``, ``handoff_latencies`` and ``ideal_step_time`` (what the formula
-  predicts from an M = 1 run) read a measured run; ``plot_measured_pipeline`` draws its cost against its benefit.
-
-``torch.distributed.pipelining`` (PyTorch's production pipeline) is never used by the code above. It only appears
-in ``run_torch_pipeline``, at the end: the oracle of the tests and the production cell of the notebook.
+This module holds, in reading order: ``accumulate_gradients`` (the technique) with the plain reference
+``full_batch_gradients`` and ``accumulation_step`` for ``effedu.train.train``; then what it is built from:
+``micro_weights`` (the wₘ above), ``split_batch`` and ``micro_sizes``, and ``token_cross_entropy`` (the loss).
 ``python -m effedu.bench pipeline`` prints step time, measured vs predicted bubble and memory per stage, with
 torch's pipeline timed in the same run.
 """
 from __future__ import annotations
 
-import os
-import sys
-import tempfile
-import time
-import traceback
-from datetime import timedelta
-
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from .._checks import check_batch, check_int
 from ..data import Batch
-from ..measure import _parameter_storages, _SavedTensorTracker
-from ..model import Transformer
+from ..model import IGNORE, lm_loss
+from ..viz import plot_gantt, plot_gpipe, plot_measured_pipeline
+from .pipeline import (
+    StageRunner,
+    TransformerStage,
+    bubble_fraction,
+    busy_fractions,
+    check_schedule,
+    gpipe_schedule,
+    handoff_latencies,
+    ideal_step_time,
+    idle_fraction,
+    measured_bubble,
+    run_pipeline,
+    run_pipelines,
+    run_torch_pipeline,
+    schedule_events,
+    simulate_pipeline,
+    split_transformer,
+    stage_actions,
+)
 
-IGNORE = -100  # targets that are not scored (effedu.data.IGNORE)
 WEIGHT_BY = ("scored", "samples", "micro")
 
-try:  # rematerialisation reuses chapter 02's from-scratch checkpoint
-    from .checkpoint import checkpoint as _checkpoint
-except ImportError:  # pragma: no cover - only while chapter 02 is missing
-    _checkpoint = None
+
+token_cross_entropy = lm_loss  # the course's one LM loss (effedu.model.lm_loss), under chapter 09's old name
 
 
 # --------------------------------------------------------------------------------------------------------------
-# input checks
+# the technique: gradient accumulation
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _check_int(value, name, where, *, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{where}: {name} must be an int ≥ {minimum}, got {value}")
-    return value
+def accumulate_gradients(model, batch, n_micro, *, loss_fn=token_cross_entropy, weight_by="scored",
+                         allow_uneven=True, zero_grad=True):
+    """Gradient accumulation: forward + backward per micro-batch, gradients summed in ``.grad``.
+
+    ``loss_fn(output, targets)`` must be a *mean* (over scored tokens for ``weight_by="scored"``, over samples for
+    ``"samples"``); each micro-batch's loss is scaled by its weight wₘ (:func:`micro_weights`) so that the
+    accumulated gradient equals the full-batch gradient, also when the micro-batches hold different numbers of
+    scored tokens or samples (``n_micro`` need not divide the batch). A micro-batch with nothing scored is skipped
+    (its mean would be 0/0). Returns the full-batch loss Σₘ wₘ Lₘ (a float). Only one micro-batch's activations
+    are alive at a time.
+    """
+    where = "accumulate_gradients"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{where}: model must be an nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"{where}: loss_fn must be callable, got {type(loss_fn).__name__}")
+    inputs, targets = check_batch(batch, where)
+    check_weight_by(weight_by, targets, where)
+    micro = split_batch((inputs, targets), n_micro, allow_uneven=allow_uneven)
+    weights = micro_weights([mb.targets for mb in micro], weight_by)
+    if zero_grad:
+        model.zero_grad(set_to_none=True)
+    total = 0.0
+    for (x_m, y_m), w_m in zip(micro, weights):
+        if w_m == 0.0:
+            continue  # nothing scored here: contributes nothing to L = Σ wₘ Lₘ
+        # L = Σₘ wₘ Lₘ  ⇒  ∇L = Σₘ wₘ ∇Lₘ, accumulated by autograd into .grad
+        loss_m = loss_fn(model(x_m), y_m) * w_m
+        loss_m.backward()
+        total += float(loss_m.detach())
+    return total
 
 
-def _check_batch(batch, where):
-    """``batch`` = an ``effedu.data.Batch`` or an ``(inputs, targets)`` pair of tensors with one batch dimension."""
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise TypeError(f"{where}: batch must be a Batch or an (inputs, targets) pair of tensors, got {type(batch).__name__}")
-    inputs, targets = batch
-    for name, t in (("inputs", inputs), ("targets", targets)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{where}: batch {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() == 0:
-            raise ValueError(f"{where}: batch {name} must have a batch dimension, got a 0-d tensor")
-    if inputs.shape[0] != targets.shape[0]:
-        raise ValueError(
-            f"{where}: inputs and targets must have the same batch size, got {inputs.shape[0]} and {targets.shape[0]}"
-        )
-    if inputs.shape[0] == 0:
-        raise ValueError(f"{where}: empty batch (batch size 0)")
-    return inputs, targets
-
-
-def _check_weight_by(weight_by, targets, where):
+def accumulation_step(n_micro, *, loss_fn=token_cross_entropy, weight_by="scored", grad_clip=1.0):
+    """A ``step_fn`` for ``effedu.train.train``: accumulate over ``n_micro`` micro-batches, then one update."""
+    where = "accumulation_step"
+    check_int(n_micro, "n_micro", where)
     if weight_by not in WEIGHT_BY:
         raise ValueError(f"{where}: weight_by must be one of {WEIGHT_BY}, got {weight_by!r}")
-    if weight_by == "scored" and targets.is_floating_point():
-        raise TypeError(
-            f"{where}: weight_by='scored' counts integer targets ≠ {IGNORE}; got float targets ({targets.dtype}). "
-            f"Use weight_by='samples' for a loss that is a mean over samples."
-        )
-    return weight_by
+
+    def step(model, inputs, targets, optimizer):
+        loss = accumulate_gradients(model, (inputs, targets), n_micro, loss_fn=loss_fn, weight_by=weight_by)
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        return loss
+
+    return step
 
 
-def token_cross_entropy(logits, targets):
-    """Mean cross-entropy over the scored tokens (targets ≠ −100), in the logits' dtype (float64 stays float64).
-
-    ``logits (B, T, V)`` or ``(N, V)``, ``targets (B, T)`` or ``(N,)``. Equal to ``effedu.train.lm_loss`` in
-    float32 (half precision is computed in float32 as there).
-    """
-    if logits.shape[:-1] != targets.shape:
-        raise ValueError(
-            f"token_cross_entropy: targets must have shape {tuple(logits.shape[:-1])}, got {tuple(targets.shape)}"
-        )
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    # L = −(1/N) Σ_{scored t} log softmax(z_t)[y_t]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
+def full_batch_gradients(model, batch, *, loss_fn=token_cross_entropy, zero_grad=True):
+    """The plain reference: one forward and backward on the whole batch. Returns the loss (a float)."""
+    where = "full_batch_gradients"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{where}: model must be an nn.Module, got {type(model).__name__}")
+    inputs, targets = check_batch(batch, where)
+    if zero_grad:
+        model.zero_grad(set_to_none=True)
+    loss = loss_fn(model(inputs), targets)
+    loss.backward()
+    return float(loss.detach())
 
 
 # --------------------------------------------------------------------------------------------------------------
-# 1. gradient accumulation
+# what it is built from: micro-batches and their weights
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -146,8 +146,8 @@ def micro_sizes(batch_size, n_micro, *, allow_uneven=True, where="micro_sizes"):
     ``micro_sizes(8, 3) == [3, 3, 2]``. With ``allow_uneven=False`` a ``n_micro`` that does not divide the batch
     is an error.
     """
-    _check_int(batch_size, "batch_size", where)
-    _check_int(n_micro, "n_micro", where)
+    check_int(batch_size, "batch_size", where)
+    check_int(n_micro, "n_micro", where)
     if n_micro > batch_size:
         raise ValueError(
             f"{where}: n_micro={n_micro} is larger than the batch size {batch_size} (a micro-batch would be empty)"
@@ -165,7 +165,7 @@ def micro_sizes(batch_size, n_micro, *, allow_uneven=True, where="micro_sizes"):
 def split_batch(batch, n_micro, *, allow_uneven=True):
     """Cut ``batch`` along its first dimension into ``n_micro`` micro-batches (a list of ``Batch``)."""
     where = "split_batch"
-    inputs, targets = _check_batch(batch, where)
+    inputs, targets = check_batch(batch, where)
     sizes = micro_sizes(inputs.shape[0], n_micro, allow_uneven=allow_uneven, where=where)
     return [Batch(x, y) for x, y in zip(inputs.split(sizes), targets.split(sizes))]
 
@@ -196,1017 +196,32 @@ def micro_weights(micro_targets, weight_by="scored"):
     return [c / total for c in counts]
 
 
-def full_batch_gradients(model, batch, *, loss_fn=token_cross_entropy, zero_grad=True):
-    """The plain reference: one forward and backward on the whole batch. Returns the loss (a float)."""
-    where = "full_batch_gradients"
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{where}: model must be an nn.Module, got {type(model).__name__}")
-    inputs, targets = _check_batch(batch, where)
-    if zero_grad:
-        model.zero_grad(set_to_none=True)
-    loss = loss_fn(model(inputs), targets)
-    loss.backward()
-    return float(loss.detach())
 
-
-def accumulate_gradients(model, batch, n_micro, *, loss_fn=token_cross_entropy, weight_by="scored",
-                         allow_uneven=True, zero_grad=True):
-    """Gradient accumulation: forward + backward per micro-batch, gradients summed in ``.grad``.
-
-    ``loss_fn(output, targets)`` must be a *mean* (over scored tokens for ``weight_by="scored"``, over samples for
-    ``"samples"``); each micro-batch's loss is scaled by its weight wₘ (:func:`micro_weights`) so that the
-    accumulated gradient equals the full-batch gradient, also when the micro-batches hold different numbers of
-    scored tokens or samples (``n_micro`` need not divide the batch). A micro-batch with nothing scored is skipped
-    (its mean would be 0/0). Returns the full-batch loss Σₘ wₘ Lₘ (a float). Only one micro-batch's activations
-    are alive at a time.
-    """
-    where = "accumulate_gradients"
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{where}: model must be an nn.Module, got {type(model).__name__}")
-    if not callable(loss_fn):
-        raise TypeError(f"{where}: loss_fn must be callable, got {type(loss_fn).__name__}")
-    inputs, targets = _check_batch(batch, where)
-    _check_weight_by(weight_by, targets, where)
-    micro = split_batch((inputs, targets), n_micro, allow_uneven=allow_uneven)
-    weights = micro_weights([mb.targets for mb in micro], weight_by)
-    if zero_grad:
-        model.zero_grad(set_to_none=True)
-    total = 0.0
-    for (x_m, y_m), w_m in zip(micro, weights):
-        if w_m == 0.0:
-            continue  # nothing scored here: contributes nothing to L = Σ wₘ Lₘ
-        # L = Σₘ wₘ Lₘ  ⇒  ∇L = Σₘ wₘ ∇Lₘ, accumulated by autograd into .grad
-        loss_m = loss_fn(model(x_m), y_m) * w_m
-        loss_m.backward()
-        total += float(loss_m.detach())
-    return total
-
-
-def accumulation_step(n_micro, *, loss_fn=token_cross_entropy, weight_by="scored", grad_clip=1.0):
-    """A ``step_fn`` for ``effedu.train.train``: accumulate over ``n_micro`` micro-batches, then one update."""
-    where = "accumulation_step"
-    _check_int(n_micro, "n_micro", where)
+def check_weight_by(weight_by, targets, where):
+    """``weight_by`` is one of ``WEIGHT_BY``; ``"scored"`` needs integer targets (it counts those ≠ −100)."""
     if weight_by not in WEIGHT_BY:
         raise ValueError(f"{where}: weight_by must be one of {WEIGHT_BY}, got {weight_by!r}")
+    if weight_by == "scored" and targets.is_floating_point():
+        raise TypeError(
+            f"{where}: weight_by='scored' counts integer targets ≠ {IGNORE}; got float targets ({targets.dtype}). "
+            f"Use weight_by='samples' for a loss that is a mean over samples."
+        )
+    return weight_by
 
-    def step(model, inputs, targets, optimizer):
-        loss = accumulate_gradients(model, (inputs, targets), n_micro, loss_fn=loss_fn, weight_by=weight_by)
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        return loss
 
-    return step
+_StageRunner = StageRunner  # the old name (chapter 09 prints its source)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# 2. the GPipe schedule and its bubble
-# --------------------------------------------------------------------------------------------------------------
-
-
-def gpipe_schedule(n_stages, n_micro):
-    """The GPipe schedule: a list of ticks, each a dict ``{stage: ("F" | "B", micro-batch)}`` (idle stages absent).
-
-    All forwards, then all backwards. One forward or one backward takes one tick. Micro-batch m runs forward on
-    stage s at tick s + m. After the flush the backward wave starts at the last stage: micro-batch m runs backward
-    on stage s at tick (M + K − 1) + (K − 1 − s) + m. 2(M + K − 1) ticks in all.
-    """
-    where = "gpipe_schedule"
-    K = _check_int(n_stages, "n_stages", where)
-    M = _check_int(n_micro, "n_micro", where)
-    ticks = [dict() for _ in range(2 * (M + K - 1))]
-    for m in range(M):
-        for s in range(K):
-            # forward wave: tick = s + m
-            ticks[s + m][s] = ("F", m)
-            # backward wave, after all M + K − 1 forward ticks: tick = (M + K − 1) + (K − 1 − s) + m
-            ticks[(M + K - 1) + (K - 1 - s) + m][s] = ("B", m)
-    return [dict(sorted(t.items())) for t in ticks]
-
-
-def check_schedule(schedule, n_stages, n_micro):
-    """Raise ``ValueError`` unless ``schedule`` is a valid pipeline schedule; return True.
-
-    Valid: every stage runs ("F", m) and ("B", m) exactly once for every micro-batch m. F(s, m) comes after
-    F(s−1, m) (it needs that output). B(s, m) comes after F(s, m) and after B(s+1, m) (it needs that gradient).
-    Any schedule that passes (GPipe, 1F1B, your own) can be run by ``simulate_pipeline`` and ``run_pipeline``.
-    """
-    where = "check_schedule"
-    K = _check_int(n_stages, "n_stages", where)
-    M = _check_int(n_micro, "n_micro", where)
-    if not isinstance(schedule, (list, tuple)):
-        raise TypeError(f"{where}: schedule must be a list of ticks (dicts stage → (kind, micro)), got {type(schedule).__name__}")
-    when = {}
-    for t, tick in enumerate(schedule):
-        if not isinstance(tick, dict):
-            raise TypeError(f"{where}: tick {t} must be a dict stage → (kind, micro), got {type(tick).__name__}")
-        for s, action in tick.items():
-            if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < K:
-                raise ValueError(f"{where}: tick {t}: stage must be an int in [0, {K}), got {s!r}")
-            if not (isinstance(action, (tuple, list)) and len(action) == 2 and action[0] in ("F", "B")
-                    and isinstance(action[1], int) and 0 <= action[1] < M):
-                raise ValueError(f"{where}: tick {t}, stage {s}: action must be ('F' | 'B', micro in [0, {M})), got {action!r}")
-            key = (action[0], s, action[1])
-            if key in when:
-                raise ValueError(f"{where}: {action[0]}{action[1]} runs twice on stage {s} (ticks {when[key]} and {t})")
-            when[key] = t
-    for s in range(K):
-        for m in range(M):
-            for kind in "FB":
-                if (kind, s, m) not in when:
-                    raise ValueError(f"{where}: stage {s} never runs {kind}{m}")
-            if s > 0 and when[("F", s, m)] <= when[("F", s - 1, m)]:
-                raise ValueError(f"{where}: F{m} on stage {s} (tick {when[('F', s, m)]}) must come after F{m} on stage {s - 1} "
-                                 f"(tick {when[('F', s - 1, m)]})")
-            if when[("B", s, m)] <= when[("F", s, m)]:
-                raise ValueError(f"{where}: B{m} on stage {s} (tick {when[('B', s, m)]}) must come after its forward "
-                                 f"(tick {when[('F', s, m)]})")
-            if s < K - 1 and when[("B", s, m)] <= when[("B", s + 1, m)]:
-                raise ValueError(f"{where}: B{m} on stage {s} (tick {when[('B', s, m)]}) must come after B{m} on stage {s + 1} "
-                                 f"(tick {when[('B', s + 1, m)]})")
-    return True
-
-
-def stage_actions(schedule, stage):
-    """The actions of one stage in the order it runs them: ``[("F", 0), ("F", 1), ..., ("B", 0), ...]``."""
-    return [tick[stage] for tick in schedule if stage in tick]
-
-
-def idle_fraction(schedule, n_stages):
-    """Counted bubble: idle (stage, tick) slots / all slots, over the schedule's length."""
-    K = _check_int(n_stages, "n_stages", "idle_fraction")
-    busy = sum(len(tick) for tick in schedule)
-    slots = K * len(schedule)
-    # bubble = idle slots / (K · ticks)
-    return (slots - busy) / slots
-
-
-def bubble_fraction(n_stages, n_micro):
-    """GPipe's bubble: the idle share of the pipeline, (K − 1) / (M + K − 1)."""
-    K = _check_int(n_stages, "n_stages", "bubble_fraction")
-    M = _check_int(n_micro, "n_micro", "bubble_fraction")
-    # bubble = (K − 1) / (M + K − 1)
-    return (K - 1) / (M + K - 1)
-
-
-def schedule_events(schedule):
-    """The schedule as events ``{"stage", "kind", "micro", "start", "end"}`` in ticks (for :func:`plot_gantt`)."""
-    return [{"stage": s, "kind": kind, "micro": m, "start": t, "end": t + 1}
-            for t, tick in enumerate(schedule) for s, (kind, m) in tick.items()]
-
-
-def busy_fractions(events, n_stages=None):
-    """Per stage: its busy time / the step's span (first start → last end over all stages).
-
-    GPipe predicts M / (M + K − 1) for every stage (1 − the bubble); a stage with more work (the last one holds the
-    LM head and the loss) is busier, and waiting for a hand-off shows up as idle time.
-    """
-    if not events:
-        raise ValueError("busy_fractions: events is empty")
-    K = n_stages if n_stages is not None else 1 + max(e["stage"] for e in events)
-    span = max(e["end"] for e in events) - min(e["start"] for e in events)
-    return [sum(e["end"] - e["start"] for e in events if e["stage"] == s) / span for s in range(K)]
-
-
-def handoff_latencies(events):
-    """Hand-off delays (same unit as the events) on the critical path of a measured pipeline.
-
-    For every action whose stage was idle, waiting for its input (the forward output of the previous stage, or the
-    gradient from the next one): the time from the sender finishing that computation to the receiver starting.
-    It holds the send, the copy through the backend and the wake-up of the waiting process.
-    """
-    done = {(e["stage"], e["kind"], e["micro"]): e for e in events}
-    waits = []
-    for e in events:
-        src = (e["stage"] - 1, "F", e["micro"]) if e["kind"] == "F" else (e["stage"] + 1, "B", e["micro"])
-        prev = [p["end"] for p in events if p["stage"] == e["stage"] and p["end"] <= e["start"]]
-        if src in done and done[src]["end"] >= max(prev, default=float("-inf")):  # the receiver was idle, waiting
-            waits.append(e["start"] - done[src]["end"])
-    return waits
-
-
-def ideal_step_time(events, n_micro, n_stages=None):
-    """The step time GPipe predicts for ``n_micro`` micro-batches from a measured run (usually M = 1).
-
-    Assumes what the bubble formula assumes: a micro-batch costs exactly 1/M of the batch on each stage, and hand-
-    offs are free. With fₛ, bₛ the forward and backward time of one micro-batch on stage s (the measured per-stage
-    totals / M), a wave through K stages ends after Σₛ fₛ + (M − 1)·maxₛ fₛ (the slowest stage sets the pace), then
-    the backward wave takes Σₛ bₛ + (M − 1)·maxₛ bₛ. For equal stages, busy / (K × this) = 1 − (K−1)/(M+K−1).
-    """
-    M = _check_int(n_micro, "n_micro", "ideal_step_time")
-    if not events:
-        raise ValueError("ideal_step_time: events is empty")
-    K = n_stages if n_stages is not None else 1 + max(e["stage"] for e in events)
-    total = {(s, kind): 0.0 for s in range(K) for kind in "FB"}
-    for e in events:
-        total[(e["stage"], e["kind"])] += e["end"] - e["start"]
-    f = [total[(s, "F")] / M for s in range(K)]
-    b = [total[(s, "B")] / M for s in range(K)]
-    # makespan = Σ fₛ + (M − 1) max fₛ  +  Σ bₛ + (M − 1) max bₛ
-    return sum(f) + (M - 1) * max(f) + sum(b) + (M - 1) * max(b)
-
-
-def measured_bubble(events, n_stages=None):
-    """Bubble measured from timed events: 1 − Σ busy time / (K × span), span = first start → last end."""
-    if not events:
-        raise ValueError("measured_bubble: events is empty")
-    K = n_stages if n_stages is not None else 1 + max(e["stage"] for e in events)
-    span = max(e["end"] for e in events) - min(e["start"] for e in events)
-    busy = sum(e["end"] - e["start"] for e in events)
-    # bubble = 1 − busy / (K · span)
-    return 1.0 - busy / (K * span)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# 3. cutting the Transformer into stages
-# --------------------------------------------------------------------------------------------------------------
-
-
-class TransformerStage(nn.Module):
-    """Consecutive layers of an ``effedu.model.Transformer``, sharing its modules (not copies).
-
-    Stage 0 also owns the embeddings (its input is token ids ``(B, T)``); the last stage owns the final LayerNorm
-    and the LM head (its output is logits ``(B, T, V)``); the others map ``(B, T, d) → (B, T, d)``.
-    """
-
-    def __init__(self, model, first_block, last_block, *, index, n_stages):
-        super().__init__()
-        self.index, self.n_stages = index, n_stages
-        self.is_first, self.is_last = index == 0, index == n_stages - 1
-        self.block_range = (first_block, last_block)
-        self.d_model = model.config.d_model
-        self.vocab_size = model.config.vocab_size
-        if self.is_first:
-            self.tok_emb, self.pos_emb, self.drop = model.tok_emb, model.pos_emb, model.drop
-        self.blocks = nn.ModuleList(model.blocks[first_block:last_block])
-        if self.is_last:
-            self.ln_f, self.head = model.ln_f, model.head
-
-    def embed(self, tokens):
-        """Stage 0's first step: token + position embedding, ``(B, T)`` ids → ``(B, T, d)``."""
-        pos = torch.arange(tokens.shape[1], device=tokens.device)
-        # x₀ = E[tokens] + P[positions]
-        return self.drop(self.tok_emb(tokens) + self.pos_emb(pos))
-
-    def body(self, x):
-        """The stage's blocks (+ final LN and head on the last stage): ``(B, T, d)`` → ``(B, T, d)`` or logits."""
-        for block in self.blocks:
-            x = block(x)
-        if self.is_last:
-            x = self.head(self.ln_f(x))  # (B, T, V)
-        return x
-
-    def forward(self, x):
-        if self.is_first:
-            x = self.embed(x)
-        return self.body(x)
-
-    def extra_repr(self):
-        return f"stage {self.index}/{self.n_stages}, blocks {self.block_range[0]}..{self.block_range[1] - 1}"
-
-
-def split_transformer(model, n_stages, *, layers_per_stage=None):
-    """Cut ``model`` (an ``effedu.model.Transformer``) into ``n_stages`` consecutive :class:`TransformerStage` s.
-
-    Blocks are spread as evenly as possible (the first stages get one more when they do not divide), or as
-    ``layers_per_stage`` says (a list of positive ints summing to ``n_layers``). Composing the stages in order
-    computes ``model(tokens)`` exactly; their parameters are the model's own.
-    """
-    where = "split_transformer"
-    if not isinstance(model, Transformer):
-        raise TypeError(f"{where}: model must be an effedu.model.Transformer, got {type(model).__name__}")
-    K = _check_int(n_stages, "n_stages", where)
-    L = len(model.blocks)
-    if K > L:
-        raise ValueError(f"{where}: n_stages={K} is larger than the model's n_layers={L} (each stage needs ≥ 1 block)")
-    if layers_per_stage is None:
-        q, r = divmod(L, K)
-        layers_per_stage = [q + 1 if s < r else q for s in range(K)]
-    else:
-        if (not isinstance(layers_per_stage, (list, tuple)) or len(layers_per_stage) != K
-                or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in layers_per_stage)
-                or sum(layers_per_stage) != L):
-            raise ValueError(
-                f"{where}: layers_per_stage must be {K} positive ints summing to n_layers={L}, got {layers_per_stage!r}"
-            )
-    stages, start = [], 0
-    for s, n in enumerate(layers_per_stage):
-        stages.append(TransformerStage(model, start, start + n, index=s, n_stages=K))
-        start += n
-    return stages
-
-
-def _owned_parameter_names(model, stage):
-    """Names (in ``model``) of the parameters that live on ``stage``."""
-    mine = {id(p) for p in stage.parameters()}
-    return [name for name, p in model.named_parameters() if id(p) in mine]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# 4. running a stage: one code path for the simulation (one process) and the real pipeline (K processes)
-# --------------------------------------------------------------------------------------------------------------
-
-
-class _PeakTracker(_SavedTensorTracker):
-    """The course's saved-tensor meter, also remembering the highest live byte count it ever saw."""
-
-    def __init__(self, exclude_ptrs=()):
-        super().__init__(exclude_ptrs)
-        self.peak = 0
-
-    def pack(self, t):
-        held = super().pack(t)
-        self.peak = max(self.peak, self.live_bytes)
-        return held
-
-
-class _LocalChannel:
-    """Messages between stages inside one process: a mailbox. A received tensor is a copy, as over a wire."""
-
-    def __init__(self):
-        self.mailbox = {}
-        self.sent_bytes = 0
-
-    def send(self, tensor, dst, tag):
-        self.mailbox[(dst, tag)] = tensor.detach().clone()
-        self.sent_bytes += tensor.numel() * tensor.element_size()
-
-    def recv(self, shape, dtype, src, dst, tag):
-        try:
-            return self.mailbox.pop((dst, tag))
-        except KeyError:
-            raise RuntimeError(f"simulate_pipeline: stage {dst} waits for message {tag} from stage {src} that was "
-                               f"never sent: the schedule runs an action before its input exists") from None
-
-    def flush(self):
-        pass
-
-
-class _DistChannel:
-    """Messages between processes: ``torch.distributed`` point-to-point (here gloo on the CPU)."""
-
-    def __init__(self):
-        import torch.distributed as dist
-
-        self.dist = dist
-        self.pending = []
-        self.sent_bytes = 0
-
-    def send(self, tensor, dst, tag):
-        tensor = tensor.detach().contiguous()
-        # asynchronous: the stage goes on computing while the message travels
-        self.pending.append((self.dist.isend(tensor, dst, tag=tag), tensor))
-        self.sent_bytes += tensor.numel() * tensor.element_size()
-
-    def recv(self, shape, dtype, src, dst, tag):
-        buf = torch.empty(shape, dtype=dtype)
-        self.dist.recv(buf, src, tag=tag)  # blocks until the message arrives: this wait is the bubble
-        return buf
-
-    def flush(self):
-        for work, _ in self.pending:
-            work.wait()
-        self.pending.clear()
-
-
-class _StageRunner:
-    """Runs one stage's actions (``("F", m)`` / ``("B", m)``) in order, on micro-batches, through a channel."""
-
-    def __init__(self, stage, micro, weights, *, remat, loss_fn, channel, clock=time.perf_counter, t0=None):
-        self.stage, self.micro, self.weights = stage, micro, weights
-        self.remat, self.loss_fn, self.channel, self.clock = remat, loss_fn, channel, clock
-        self.M = len(micro)
-        self.tracker = _PeakTracker(_parameter_storages(stage))
-        self.dtype = next(stage.parameters()).dtype
-        self.saved = {}  # micro → (stage input, stage output or weighted loss) held until its backward
-        self.events, self.trace, self.losses = [], [], {}
-        # times are taken from one system-wide monotonic clock, so the stages' events line up across processes
-        self.t0 = clock() if t0 is None else t0
-
-    def _boundary_shape(self, m):
-        # the activation between two stages: (B_m, T, d)
-        x_m = self.micro[m][0]
-        return (x_m.shape[0], x_m.shape[1], self.stage.d_model)
-
-    def forward(self, m):
-        s = self.stage.index
-        if self.stage.is_first:
-            x_in = self.micro[m][0]  # token ids (B_m, T)
-        else:
-            x_in = self.channel.recv(self._boundary_shape(m), self.dtype, s - 1, s, tag=m).requires_grad_()
-        start = self.clock()
-        with self.tracker.hooks():
-            h = self.stage.embed(x_in) if self.stage.is_first else x_in
-            if self.remat:
-                # GPipe's rematerialisation: keep only the stage input, recompute the rest in backward
-                out = _checkpoint(self.stage.body, h)
-            else:
-                out = self.stage.body(h)
-            if self.stage.is_last:
-                if self.weights[m] == 0.0:
-                    out = out.sum() * 0.0  # nothing scored in this micro-batch: zero gradient, not 0/0 = NaN
-                else:
-                    # this micro-batch's share of the full-batch loss: wₘ · Lₘ
-                    out = self.loss_fn(out, self.micro[m][1]) * self.weights[m]
-                self.losses[m] = float(out.detach())
-        end = self.clock()  # the box on the Gantt chart is the computation; the send is communication
-        if not self.stage.is_last:
-            self.channel.send(out, s + 1, tag=m)
-        self.saved[m] = (x_in, out)
-        self._record("F", m, start, end)
-
-    def backward(self, m):
-        s = self.stage.index
-        x_in, out = self.saved.pop(m)
-        if self.stage.is_last:
-            grad_out = None  # out is the (scalar) weighted loss
-        else:
-            grad_out = self.channel.recv(out.shape, self.dtype, s + 1, s, tag=self.M + m)
-        start = self.clock()
-        with self.tracker.hooks():  # a rematerialising stage saves tensors again while it recomputes
-            torch.autograd.backward(out, grad_out)  # parameter gradients accumulate in .grad
-        end = self.clock()
-        if not self.stage.is_first:
-            self.channel.send(x_in.grad, s - 1, tag=self.M + m)  # ∂L/∂(stage input) goes back upstream
-        del x_in, out
-        self._record("B", m, start, end)
-
-    def _record(self, kind, m, start, end):
-        self.events.append({"stage": self.stage.index, "kind": kind, "micro": m,
-                            "start": start - self.t0, "end": end - self.t0})
-        self.trace.append(self.tracker.live_bytes)
-
-    def run(self, actions):
-        for kind, m in actions:
-            (self.forward if kind == "F" else self.backward)(m)
-        self.channel.flush()
-
-
-def _prepare(where, model, batch, n_micro, n_stages, remat, schedule, weight_by, allow_uneven):
-    if not isinstance(model, Transformer):
-        raise TypeError(f"{where}: model must be an effedu.model.Transformer, got {type(model).__name__}")
-    inputs, targets = _check_batch(batch, where)
-    if inputs.dim() != 2 or targets.shape != inputs.shape:
-        raise ValueError(f"{where}: batch inputs and targets must both be (B, T) token ids, got "
-                         f"{tuple(inputs.shape)} and {tuple(targets.shape)}")
-    _check_weight_by(weight_by, targets, where)
-    if not isinstance(remat, bool):
-        raise TypeError(f"{where}: remat must be a bool, got {type(remat).__name__}")
-    if remat and _checkpoint is None:
-        raise RuntimeError(f"{where}: remat=True needs effedu.general.checkpoint (chapter 02), which is not installed")
-    micro = split_batch((inputs, targets), n_micro, allow_uneven=allow_uneven)
-    weights = micro_weights([mb.targets for mb in micro], weight_by)
-    if schedule is None:
-        schedule = gpipe_schedule(n_stages, n_micro)
-    else:
-        check_schedule(schedule, n_stages, n_micro)
-    return micro, weights, schedule
-
-
-def simulate_pipeline(model, batch, n_micro, n_stages, *, remat=False, schedule=None, loss_fn=token_cross_entropy,
-                      weight_by="scored", allow_uneven=True, zero_grad=True):
-    """Run a pipeline schedule (GPipe by default) in *one* process, tick by tick, stage by stage.
-
-    The same stage code as :func:`run_pipeline`, with a mailbox instead of the network. Parameter gradients land
-    in ``model``'s ``.grad`` and equal the full-batch gradient. Returns a dict: ``loss``, ``events`` (in ticks),
-    ``activation_peak_bytes`` (per stage: the most bytes held for backward at any moment, deterministic),
-    ``activation_trace`` (per stage: bytes held after each of its actions), ``sent_bytes`` (per stage).
-    """
-    where = "simulate_pipeline"
-    K = _check_int(n_stages, "n_stages", where)
-    micro, weights, schedule = _prepare(where, model, batch, n_micro, K, remat, schedule, weight_by, allow_uneven)
-    if zero_grad:
-        model.zero_grad(set_to_none=True)
-    stages = split_transformer(model, K)
-    channel = _LocalChannel()
-    runners = [_StageRunner(st, micro, weights, remat=remat, loss_fn=loss_fn, channel=channel) for st in stages]
-    events, sent = [], [0] * K
-    for t, tick in enumerate(schedule):
-        for s, (kind, m) in tick.items():
-            before = channel.sent_bytes
-            runner = runners[s]
-            (runner.forward if kind == "F" else runner.backward)(m)
-            sent[s] += channel.sent_bytes - before
-            events.append({"stage": s, "kind": kind, "micro": m, "start": t, "end": t + 1})
-    return {
-        "n_stages": K, "n_micro": len(micro), "remat": remat, "micro_sizes": [mb.inputs.shape[0] for mb in micro],
-        "loss": sum(runners[-1].losses.values()),
-        "events": events,
-        "activation_peak_bytes": [r.tracker.peak for r in runners],
-        "activation_trace": [r.trace for r in runners],
-        "sent_bytes": sent,
-    }
-
-
-# --------------------------------------------------------------------------------------------------------------
-# 5. the real pipeline: one process per stage, torch.distributed point-to-point
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _loopback_only():
-    """Make gloo use the loopback interface (nothing leaves this machine)."""
-    if "GLOO_SOCKET_IFNAME" not in os.environ:
-        if sys.platform.startswith("linux"):
-            os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-        elif sys.platform == "darwin":
-            os.environ["GLOO_SOCKET_IFNAME"] = "lo0"
-
-
-def _init_worker(rank, world_size, store_path, spec):
-    import torch.distributed as dist
-
-    _loopback_only()
-    torch.set_num_threads(spec["threads"])
-    store = dist.FileStore(store_path, world_size)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=spec["timeout"]))
-    model = Transformer(spec["config"]).to(spec["dtype"])
-    model.load_state_dict(spec["state_dict"])
-    model.train(spec["training"])
-    return dist, model
-
-
-def _write_result(result_dir, rank, payload):
-    path = os.path.join(result_dir, f"rank{rank}.pt")
-    torch.save(payload, path + ".tmp")
-    os.replace(path + ".tmp", path)  # the parent never reads half a file
-
-
-def _pipeline_worker(rank, world_size, store_path, result_dir, spec):
-    """One stage of :func:`run_pipelines` (runs in its own process)."""
-    dist = None
-    try:
-        dist, model = _init_worker(rank, world_size, store_path, spec)
-        stage = split_transformer(model, world_size, layers_per_stage=spec["layers_per_stage"])[rank]
-        names = _owned_parameter_names(model, stage)
-        inputs, targets = spec["inputs"], spec["targets"]
-        results = []
-        for i, run in enumerate(spec["runs"]):
-            micro = split_batch((inputs, targets), run["n_micro"], allow_uneven=spec["allow_uneven"])
-            weights = micro_weights([mb.targets for mb in micro], spec["weight_by"])
-            schedule = run["schedule"] or gpipe_schedule(world_size, run["n_micro"])
-            model.zero_grad(set_to_none=True)
-            channel = _DistChannel()
-            dist.barrier()  # every stage starts its clock together
-            runner = _StageRunner(stage, micro, weights, remat=run["remat"], loss_fn=spec["loss_fn"], channel=channel,
-                                  t0=0.0)  # absolute clock readings; the parent subtracts the first start
-            runner.run(stage_actions(schedule, rank))
-            dist.barrier()
-            results.append({
-                "events": runner.events,
-                "activation_peak_bytes": runner.tracker.peak,
-                "activation_trace": runner.trace,
-                "sent_bytes": channel.sent_bytes,
-                "loss": sum(runner.losses.values()) if stage.is_last else None,
-                "grads": {n: (None if p.grad is None else p.grad.detach().clone())
-                          for n, p in model.named_parameters() if n in set(names)},
-            })
-        _write_result(result_dir, rank, {"results": results})
-    except BaseException:
-        _write_result(result_dir, rank, {"error": traceback.format_exc()})
-        raise
-    finally:
-        if dist is not None and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _launch(worker, where, n_stages, spec, timeout):
-    """Start ``n_stages`` processes (spawn), wait for all of them, always join or terminate them; per-rank payloads."""
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory(prefix="effedu_pipe_") as tmp:
-        store_path = os.path.join(tmp, "store")  # the rendezvous: a file, no network port
-        ctx = mp.start_processes(worker, args=(n_stages, store_path, tmp, spec), nprocs=n_stages, join=False,
-                                 start_method="spawn")
-        deadline = time.monotonic() + timeout
-        failure = None
-        try:
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"{where}: the {n_stages} stage processes did not finish within timeout={timeout} s "
-                                       f"(they were terminated)")
-                try:
-                    if ctx.join(timeout=min(remaining, 1.0)):
-                        break
-                except Exception as exc:  # a stage raised or died: report its traceback
-                    failure = exc
-                    break
-        finally:
-            for p in ctx.processes:  # never leave a stage process behind
-                if p.is_alive():
-                    p.terminate()
-                p.join(5)
-                if p.is_alive():  # pragma: no cover - terminate ignored
-                    p.kill()
-                    p.join()
-        payloads = []
-        for rank in range(n_stages):
-            path = os.path.join(tmp, f"rank{rank}.pt")
-            payloads.append(torch.load(path, weights_only=True) if os.path.exists(path) else None)
-    errors = [(r, p["error"]) for r, p in enumerate(payloads) if p is not None and "error" in p]
-    if errors or failure is not None:
-        detail = "\n".join(f"--- stage {r} ---\n{tb}" for r, tb in errors) or str(failure)
-        raise RuntimeError(f"{where}: a stage process failed:\n{detail}")
-    missing = [r for r, p in enumerate(payloads) if p is None]
-    if missing:
-        raise RuntimeError(f"{where}: stage processes {missing} exited without a result")
-    return payloads
-
-
-def run_pipelines(model, batch, configs, *, n_stages=2, layers_per_stage=None, loss_fn=token_cross_entropy,
-                  weight_by="scored", allow_uneven=True, warmup=1, repeats=1, pick="best", threads=1, timeout=120.0):
-    """Several pipeline runs in *one* launch of ``n_stages`` processes (spawning costs seconds; do it once).
-
-    ``configs``: a list of dicts ``{"n_micro": M, "remat": bool, "schedule": None | a schedule}`` (remat and
-    schedule optional; the default schedule is GPipe). First every config runs ``warmup`` times and those runs are
-    dropped (first-run allocations and lazy initialisation would otherwise show up in the timings). Then the
-    configs run in turn ``repeats`` times (interleaved: a burst of load from other programs hits every config, not
-    one); for each config the run with the shortest step time is reported (``pick="best"``: other programs only
-    ever *add* time, to the boxes and to the hand-offs, so the fastest run is the one closest to the pipeline
-    itself), or the one with the median step time (``pick="median"``). Returns one result per config, as
-    :func:`run_pipeline` describes, with ``step_times`` (all repeats, in seconds) added.
-    """
-    where = "run_pipelines"
-    K = _check_int(n_stages, "n_stages", where)
-    if K < 2:
-        raise ValueError(f"{where}: a pipeline needs a world size n_stages ≥ 2 (one process per stage), got {K}; "
-                         f"for one process use accumulate_gradients or simulate_pipeline")
-    if not isinstance(configs, (list, tuple)) or not configs:
-        raise TypeError(f"{where}: configs must be a non-empty list of dicts {{'n_micro': M, 'remat': bool}}")
-    _check_int(warmup, "warmup", where, minimum=0)
-    _check_int(repeats, "repeats", where)
-    _check_int(threads, "threads", where)
-    if pick not in ("best", "median"):
-        raise ValueError(f"{where}: pick must be 'best' or 'median', got {pick!r}")
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ValueError(f"{where}: timeout must be a positive number of seconds, got {timeout!r}")
-    if not callable(loss_fn):
-        raise TypeError(f"{where}: loss_fn must be callable (and picklable: a module-level function)")
-    runs = []
-    for c in configs:
-        if not isinstance(c, dict) or "n_micro" not in c or set(c) - {"n_micro", "remat", "schedule"}:
-            raise TypeError(f"{where}: each config must be a dict with 'n_micro' (and optional 'remat', 'schedule'), got {c!r}")
-        _check_int(c["n_micro"], "n_micro", where)
-        run = {"n_micro": c["n_micro"], "remat": c.get("remat", False), "schedule": c.get("schedule")}
-        _prepare(where, model, batch, run["n_micro"], K, run["remat"], run["schedule"], weight_by, allow_uneven)
-        runs.append(run)
-    split_transformer(model, K, layers_per_stage=layers_per_stage)  # n_stages ≤ n_layers, layers_per_stage valid
-    inputs, targets = batch
-    spec = {
-        "config": model.config, "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "dtype": next(model.parameters()).dtype, "training": model.training,
-        "inputs": inputs.detach().cpu(), "targets": targets.detach().cpu(), "runs": runs * (warmup + repeats),
-        "layers_per_stage": layers_per_stage, "loss_fn": loss_fn, "weight_by": weight_by,
-        "allow_uneven": allow_uneven, "threads": threads, "timeout": float(timeout),
-    }
-    payloads = _launch(_pipeline_worker, where, K, spec, timeout)
-    out = []
-    for i, run in enumerate(runs):
-        candidates = []
-        for rep in range(repeats):
-            per_rank = [p["results"][(warmup + rep) * len(runs) + i] for p in payloads]
-            events = sorted((e for r in per_rank for e in r["events"]), key=lambda e: (e["start"], e["stage"]))
-            first = events[0]["start"]
-            events = [{**e, "start": e["start"] - first, "end": e["end"] - first} for e in events]
-            candidates.append((max(e["end"] for e in events), rep, per_rank, events))
-        ranked = sorted(candidates, key=lambda c: c[:2])
-        _, _, per_rank, events = ranked[0 if pick == "best" else (repeats - 1) // 2]  # the fastest / the median run
-        grads = {}
-        for r in per_rank:
-            grads.update(r["grads"])
-        out.append({
-            "n_stages": K, "n_micro": run["n_micro"], "remat": run["remat"],
-            "micro_sizes": micro_sizes(inputs.shape[0], run["n_micro"]),
-            "loss": per_rank[-1]["loss"],
-            "grads": {name: grads[name] for name, _ in model.named_parameters()},
-            "events": events,
-            "activation_peak_bytes": [r["activation_peak_bytes"] for r in per_rank],
-            "activation_trace": [r["activation_trace"] for r in per_rank],
-            "sent_bytes": [r["sent_bytes"] for r in per_rank],
-            "wall_time": max(e["end"] for e in events) - min(e["start"] for e in events),
-            "measured_bubble": measured_bubble(events, K),
-            "predicted_bubble": bubble_fraction(K, run["n_micro"]),
-            "step_times": [c[0] for c in candidates],
-        })
-    return out
-
-
-def run_pipeline(model, batch, n_micro, *, n_stages=2, remat=False, schedule=None, **kwargs):
-    """A real pipeline: ``model`` cut into ``n_stages`` stages, one *process* each, on this machine.
-
-    Each process rebuilds the model from its config and weights and keeps its stage. Stages talk through
-    ``torch.distributed`` (gloo backend, rendezvous through a file in a temporary directory, loopback only):
-    activations go forward with ``send``/``recv``, gradients with respect to them come back. The schedule is
-    GPipe's (or ``schedule``). With ``remat=True`` every stage rematerialises its activations (chapter 02's
-    ``checkpoint``). Processes are started with ``torch.multiprocessing`` (spawn), joined, and terminated on error
-    or after ``timeout`` seconds. With dropout, each process draws its own masks, so only a model without dropout
-    (or in eval mode) reproduces the single-process gradient exactly. From a script, call it under ``if __name__ == "__main__":`` (spawn re-imports the
-    main module in every child); pytest and notebooks need nothing.
-
-    Returns a dict: ``loss``; ``grads`` ``{parameter name: gradient}`` (equal to the single-process gradient);
-    ``events`` (``{"stage", "kind": "F"|"B", "micro", "start", "end"}`` in seconds, for a measured Gantt chart:
-    each box is the computation; waiting for a message and sending one are the gaps between boxes);
-    ``activation_peak_bytes`` and ``activation_trace`` per stage; ``sent_bytes`` per stage; ``wall_time``;
-    ``measured_bubble`` and ``predicted_bubble``. Other keywords: see :func:`run_pipelines`.
-    """
-    return run_pipelines(model, batch, [{"n_micro": n_micro, "remat": remat, "schedule": schedule}],
-                         n_stages=n_stages, **kwargs)[0]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# 6. plots
-# --------------------------------------------------------------------------------------------------------------
-
-_KIND_COLOUR = {"F": "#4c78a8", "B": "#f58518"}
-
-
-def plot_gantt(events, *, n_stages=None, unit="tick", title="Pipeline schedule", ax=None, label_micro=None):
-    """Gantt chart: one row per stage, forward (blue) and backward (orange) boxes, the idle bubble shaded.
-
-    ``events``: dicts ``{"stage", "kind", "micro", "start", "end"}`` (from :func:`schedule_events`, or measured:
-    ``run_pipeline(...)["events"]`` with ``unit="ms"``, times in seconds converted to ms).
-    """
-    from matplotlib.patches import Patch
-    from matplotlib.ticker import MaxNLocator
-
-    from ..viz import _new_figure
-
-    if not isinstance(events, (list, tuple)) or not events:
-        raise ValueError("plot_gantt: events must be a non-empty list of event dicts")
-    if unit not in ("tick", "ms"):
-        raise ValueError(f"plot_gantt: unit must be 'tick' or 'ms', got {unit!r}")
-    K = n_stages if n_stages is not None else 1 + max(e["stage"] for e in events)
-    scale = 1e3 if unit == "ms" else 1
-    t0 = min(e["start"] for e in events) * scale
-    t1 = max(e["end"] for e in events) * scale
-    if ax is None:
-        fig = _new_figure(10, 0.55 * K + 1.6)
-        ax = fig.subplots()
-    else:
-        fig = ax.figure
-    if label_micro is None:
-        label_micro = len(events) <= 80
-    ax.barh(range(K), [t1 - t0] * K, left=t0, height=0.8, color="#d9d9d9", hatch="//", edgecolor="#bdbdbd", lw=0)
-    for e in events:
-        start, end = e["start"] * scale, e["end"] * scale
-        ax.barh(e["stage"], end - start, left=start, height=0.8, color=_KIND_COLOUR[e["kind"]], edgecolor="white", lw=0.8)
-        if label_micro:
-            # displayed 1-based (stage 1..K, micro-batch 1..M); the API counts from 0
-            ax.text((start + end) / 2, e["stage"], str(e["micro"] + 1), ha="center", va="center", color="white",
-                    fontsize=8)
-    ax.set_yticks(range(K), labels=[f"stage {s + 1}" for s in range(K)])
-    ax.set_ylim(K - 0.5, -0.5)
-    ax.set_xlim(t0, t1)
-    ax.set_xlabel("time (ticks: one forward or backward of one micro-batch)" if unit == "tick" else "time (ms)")
-    if unit == "tick":
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(title)
-    ax.legend(handles=[Patch(color=_KIND_COLOUR["F"], label="forward (micro-batch #)"),
-                       Patch(color=_KIND_COLOUR["B"], label="backward (micro-batch #)"),
-                       Patch(facecolor="#d9d9d9", hatch="//", edgecolor="#bdbdbd", label="idle (bubble)")],
-              loc="upper center", bbox_to_anchor=(0.5, -0.32 if K <= 2 else -0.18), ncol=3, frameon=False, fontsize=8)
-    return fig
-
-
-def plot_gpipe(n_stages=4, n_micro=8):
-    """The GPipe schedule for K stages and M micro-batches (left) and the bubble fraction vs M for this K (right)."""
-    from ..viz import _new_figure
-
-    K = _check_int(n_stages, "n_stages", "plot_gpipe")
-    M = _check_int(n_micro, "n_micro", "plot_gpipe")
-    schedule = gpipe_schedule(K, M)
-    fig = _new_figure(13, max(3.6, 0.45 * K + 2.2))
-    left, right = fig.subplots(1, 2, width_ratios=[3, 1])
-    plot_gantt(schedule_events(schedule), n_stages=K, ax=left,
-               title=f"GPipe, K={K} stages, M={M} micro-batches: bubble {bubble_fraction(K, M):.0%} "
-                     f"(counted: {idle_fraction(schedule, K):.0%})")
-    ms = list(range(1, max(4 * K, M) * 2 + 1))
-    right.plot(ms, [100 * bubble_fraction(K, m) for m in ms], color="C3", label="(K−1)/(M+K−1)")
-    right.plot([M], [100 * bubble_fraction(K, M)], "o", color="black", label=f"M={M}")
-    right.axvline(4 * K, ls="--", color="gray", label="M = 4K (GPipe's rule)")
-    right.set_xlabel("micro-batches M")
-    right.set_ylabel("bubble (% of pipeline time idle)")
-    right.set_title(f"Bubble vs M (K={K})")
-    right.set_ylim(0, 100)
-    right.grid(alpha=0.3)
-    right.legend(fontsize=8)
-    return fig
-
-
-def plot_measured_pipeline(runs, n_micro=None, remat=False):
-    """Cost vs benefit of micro-batching, *measured*: the Gantt chart of one run and the table it belongs to.
-
-    ``runs``: the list :func:`run_pipelines` returns (several M, with and without ``remat``). Top: the measured
-    Gantt chart of ``(n_micro, remat)``. Bottom, against M, the chosen M circled: the measured bubble next to
-    (K−1)/(M+K−1); the measured step time next to the ideal one (:func:`ideal_step_time` from the M = 1 run: what
-    the formula promises); the activation memory each stage holds for backward (the benefit of rematerialisation,
-    counted in bytes).
-    """
-    from ..viz import _new_figure
-
-    where = "plot_measured_pipeline"
-    if not isinstance(runs, (list, tuple)) or not runs or not all(isinstance(r, dict) and "events" in r for r in runs):
-        raise TypeError(f"{where}: runs must be the non-empty list that run_pipelines returns")
-    table = {(r["n_micro"], r["remat"]): r for r in runs}
-    K = runs[0]["n_stages"]
-    Ms = sorted({M for M, _ in table})
-    if n_micro is None:
-        n_micro = Ms[len(Ms) // 2]
-    if (n_micro, remat) not in table:
-        raise ValueError(f"{where}: no measured run for n_micro={n_micro}, remat={remat}; measured: "
-                         f"{sorted(table)}")
-    r = table[(n_micro, remat)]
-    fig = _new_figure(13, 7.6)
-    grid = fig.add_gridspec(2, 3, height_ratios=[1, 1.25])
-    gantt = fig.add_subplot(grid[0, :])
-    ax_b, ax_t, ax_m = (fig.add_subplot(grid[1, i]) for i in range(3))
-    ideal = ideal_step_time(table[(1, remat)]["events"], n_micro, K) if (1, remat) in table else None
-    busy = busy_fractions(r["events"], K)
-    plot_gantt(r["events"], n_stages=K, unit="ms", ax=gantt,
-               title=(f"Measured, {K} processes, M={n_micro}, {'rematerialised' if remat else 'plain'}: step "
-                      f"{r['wall_time'] * 1e3:.0f} ms" + (f" (ideal {ideal * 1e3:.0f} ms)" if ideal else "")
-                      + f", bubble {r['measured_bubble']:.0%} (predicted {r['predicted_bubble']:.0%}), busy "
-                      + ", ".join(f"stage {s + 1} {b:.0%}" for s, b in enumerate(busy))))
-    ms_curve = list(range(1, max(Ms) + 1))
-    ax_b.plot(ms_curve, [100 * bubble_fraction(K, m) for m in ms_curve], color="C3", label="predicted (K−1)/(M+K−1)")
-    for variant, style, name in ((False, "-", "plain"), (True, "--", "remat")):
-        ms = [m for m in Ms if (m, variant) in table]
-        if not ms:
-            continue
-        rows = [table[(m, variant)] for m in ms]
-        ax_b.plot(ms, [100 * x["measured_bubble"] for x in rows], style, marker="o", color="black",
-                  label=f"measured, {name}")
-        ax_t.plot(ms, [1e3 * x["wall_time"] for x in rows], style, marker="o", color="black", label=f"measured, {name}")
-        if (1, variant) in table:
-            ax_t.plot(ms, [1e3 * ideal_step_time(table[(1, variant)]["events"], m, K) for m in ms], style,
-                      color="C3", label=f"ideal from M=1, {name}")
-        for s in range(K):
-            ax_m.plot(ms, [x["activation_peak_bytes"][s] / 2**20 for x in rows], style, marker="o", color=f"C{s}",
-                      label=f"stage {s + 1}, {name}")
-    here = [(ax_b, 100 * r["measured_bubble"]), (ax_t, 1e3 * r["wall_time"])]
-    here += [(ax_m, b / 2**20) for b in r["activation_peak_bytes"]]
-    for ax, y in here:
-        ax.plot([n_micro], [y], "o", ms=13, mfc="none", mec="C2", mew=2)
-    for ax, ylabel, title in ((ax_b, "bubble (% of step idle)", "Benefit: the bubble shrinks"),
-                              (ax_t, "step time (ms)", "Cost: time per step"),
-                              (ax_m, "held for backward (MiB)", "Memory per stage (peak)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(Ms, labels=[str(m) for m in Ms])
-        ax.minorticks_off()
-        ax.set_xlabel("micro-batches M")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title, fontsize=10)
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    ax_b.set_ylim(0, 100)
-    return fig
-
-
-# --------------------------------------------------------------------------------------------------------------
-# 7. the oracle: torch.distributed.pipelining (production); never used by the implementation above
-# --------------------------------------------------------------------------------------------------------------
-
-
-class _WeightedTokenLoss:
-    """Σ over a micro-batch's scored tokens of the cross-entropy / N (N = scored tokens of the whole batch)."""
-
-    def __init__(self, n_scored):
-        self.n_scored = n_scored
-
-    def __call__(self, logits, targets):
-        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
-                               reduction="sum") / self.n_scored
-
-
-def _torch_pipeline_worker(rank, world_size, store_path, result_dir, spec):
-    dist = None
-    try:
-        dist, model = _init_worker(rank, world_size, store_path, spec)
-        from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
-
-        stage_module = split_transformer(model, world_size)[rank]
-        names = _owned_parameter_names(model, stage_module)
-        inputs, targets = spec["inputs"], spec["targets"]
-        stage = PipelineStage(stage_module, rank, world_size, torch.device("cpu"))
-        # scale_grads=False: each micro-batch's loss is already its share of the full-batch mean
-        schedule = ScheduleGPipe(stage, n_microbatches=spec["n_micro"],
-                                 loss_fn=_WeightedTokenLoss(int((targets != IGNORE).sum())), scale_grads=False)
-        for _ in range(spec["warmup"] + 1):  # warm-up steps first (first-run costs), then the measured one
-            model.zero_grad(set_to_none=True)
-            dist.barrier()
-            start = time.perf_counter()
-            losses = []
-            if rank == 0:
-                schedule.step(inputs)
-            elif rank == world_size - 1:
-                schedule.step(target=targets, losses=losses)
-            else:
-                schedule.step()
-            elapsed = time.perf_counter() - start
-            dist.barrier()
-        _write_result(result_dir, rank, {"results": [{
-            "time": elapsed,
-            "loss": float(sum(l.detach() for l in losses)) if losses else None,
-            "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters() if n in set(names) and p.grad is not None},
-        }]})
-    except BaseException:
-        _write_result(result_dir, rank, {"error": traceback.format_exc()})
-        raise
-    finally:
-        if dist is not None and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def run_torch_pipeline(model, batch, n_micro, *, n_stages=2, warmup=0, threads=1, timeout=120.0):
-    """The production path, as an oracle: the same stages run by ``torch.distributed.pipelining.ScheduleGPipe``.
-
-    Same processes and rendezvous as :func:`run_pipeline`; ``warmup`` untimed steps come first. Returns ``{"loss",
-    "grads", "time"}`` (time: the slowest stage's time for the step, seconds). Micro-batches must have equal sizes
-    (``n_micro`` divides the batch).
-    """
-    where = "run_torch_pipeline"
-    K = _check_int(n_stages, "n_stages", where)
-    _check_int(warmup, "warmup", where, minimum=0)
-    if K < 2:
-        raise ValueError(f"{where}: a pipeline needs a world size n_stages ≥ 2, got {K}")
-    _prepare(where, model, batch, n_micro, K, False, None, "scored", False)
-    split_transformer(model, K)
-    inputs, targets = batch
-    spec = {
-        "config": model.config, "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "dtype": next(model.parameters()).dtype, "training": model.training,
-        "inputs": inputs.detach().cpu(), "targets": targets.detach().cpu(), "n_micro": n_micro, "warmup": warmup,
-        "threads": threads, "timeout": float(timeout),
-    }
-    payloads = _launch(_torch_pipeline_worker, where, K, spec, timeout)
-    per_rank = [p["results"][0] for p in payloads]
-    grads = {}
-    for r in per_rank:
-        grads.update(r["grads"])
-    return {"loss": per_rank[-1]["loss"], "grads": grads, "time": max(r["time"] for r in per_rank)}
-
-
-# --------------------------------------------------------------------------------------------------------------
-# benchmark: python -m effedu.bench pipeline
-# --------------------------------------------------------------------------------------------------------------
-
-
-def bench_pipeline(args):
-    """2-process GPipe (effedu) vs one process and vs torch.distributed.pipelining: step time, bubble, memory."""
-    from ..data import corpus_tokenizer, lm_batch, load_corpus
-    from ..measure import time_it
-    from ..model import TransformerConfig
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread per pipeline process; the single-process reference gets one too
-    try:
-        return _bench_pipeline(args, Transformer, TransformerConfig, corpus_tokenizer, lm_batch, load_corpus, time_it)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _bench_pipeline(args, Transformer, TransformerConfig, corpus_tokenizer, lm_batch, load_corpus, time_it):
-    tok = corpus_tokenizer()
-    ids = tok.encode(load_corpus())
-    d, L, B, T = (128, 4, 16, 64) if args.quick else (256, 8, 32, 128)
-    Ms = [1, 2, 4, 8] if args.quick else [1, 2, 4, 8, 16]
-    torch.manual_seed(0)
-    model = Transformer(TransformerConfig(vocab_size=tok.vocab_size, d_model=d, n_heads=4, n_layers=L, d_ff=4 * d,
-                                          max_len=T))
-    batch = lm_batch(ids, B, T, seed=0)
-    runs = run_pipelines(model, batch, [{"n_micro": M} for M in Ms] + [{"n_micro": 4, "remat": True}],
-                         warmup=1, repeats=3 if args.quick else 5, timeout=600)
-    single = time_it(lambda: full_batch_gradients(model, batch), warmup=1, repeat=3 if args.quick else 5)
-    torch_run = run_torch_pipeline(model, batch, 4, warmup=1, timeout=600)
-    lines = [f"GPipe over 2 processes (gloo, 1 thread each), Transformer d={d} L={L}, batch {B}×{T}; one process "
-             f"(1 thread, full batch): {single * 1e3:.1f} ms",
-             f"{'M':>3} | {'step ms':>8} | {'× 1 process':>11} | {'measured bubble':>15} | {'(K-1)/(M+K-1)':>13}",
-             "-" * 64]
-    for r in runs[:-1]:
-        lines.append(f"{r['n_micro']:>3} | {r['wall_time'] * 1e3:8.1f} | {r['wall_time'] / single:10.2f}× | "
-                     f"{r['measured_bubble']:15.1%} | {r['predicted_bubble']:13.1%}")
-    plain = next(r for r in runs if r["n_micro"] == 4 and not r["remat"])
-    remat = runs[-1]
-    lines.append(f"M=4 with rematerialisation: step {remat['wall_time'] * 1e3:.1f} ms "
-                 f"({remat['wall_time'] / plain['wall_time']:.2f}× plain)")
-    lines.append("M=4 peak activation bytes per stage (MiB): plain "
-                 + ", ".join(f"{b / 2**20:.2f}" for b in plain["activation_peak_bytes"]) + "; rematerialised "
-                 + ", ".join(f"{b / 2**20:.2f}" for b in remat["activation_peak_bytes"]))
-    lines.append(f"torch.distributed.pipelining ScheduleGPipe, M=4: {torch_run['time'] * 1e3:.1f} ms "
-                 f"(effedu / torch = {plain['wall_time'] / torch_run['time']:.2f}×)")
-    return "\n".join(lines)
-
-
-BENCHMARKS = {"pipeline": bench_pipeline}
+# benchmark: `python -m effedu.bench pipeline` (effedu/bench/pipeline.py)
 
 __all__ = [
     "token_cross_entropy", "micro_sizes", "split_batch", "micro_weights", "full_batch_gradients",
-    "accumulate_gradients", "accumulation_step",
+    "accumulate_gradients", "accumulation_step", "check_weight_by",
+    # re-exported from effedu.general.pipeline
     "gpipe_schedule", "check_schedule", "stage_actions", "idle_fraction", "bubble_fraction", "schedule_events",
     "measured_bubble", "busy_fractions", "handoff_latencies", "ideal_step_time",
-    "TransformerStage", "split_transformer", "simulate_pipeline", "run_pipelines", "run_pipeline",
-    "plot_gantt", "plot_gpipe", "plot_measured_pipeline", "run_torch_pipeline", "bench_pipeline", "BENCHMARKS",
+    "TransformerStage", "split_transformer", "StageRunner", "simulate_pipeline", "run_pipelines", "run_pipeline",
+    "run_torch_pipeline",
+    # re-exported from effedu.viz
+    "plot_gantt", "plot_gpipe", "plot_measured_pipeline",
 ]
