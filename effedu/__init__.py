@@ -14,10 +14,12 @@ Built on Fournier, Marceau Caron & Aloise, *A Practical Survey on Faster and Lig
 """
 from __future__ import annotations
 
+import functools
 import importlib
-import os
 import platform
 import random
+import subprocess
+import sys
 
 __version__ = "0.1.0"
 
@@ -57,8 +59,66 @@ def device(prefer=None):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_model():
+    """The CPU's marketing name: /proc/cpuinfo's "model name" (Linux), sysctl (macOS), else what platform says."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip().lower() in ("model name", "hardware", "cpu model") and value.strip():
+                    return " ".join(value.split())
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        try:
+            out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                 timeout=5)
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _cpu_facts():
+    """The CPU, the vector ISA torch's kernels were dispatched to, and what numba compiles for (LLVM's CPU name)."""
+    import numba
+    import torch
+
+    get_capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
+    try:
+        from llvmlite import binding as llvm
+
+        llvm_cpu = numba.config.CPU_NAME or llvm.get_host_cpu_name()  # NUMBA_CPU_NAME overrides the host
+    except (ImportError, AttributeError):  # an llvmlite without the call: unknown, rather than a failed setup cell
+        llvm_cpu = None
+    return {
+        "cpu": _cpu_model(),
+        "cpu isa (torch)": get_capability() if get_capability is not None else None,
+        "cpu (numba/llvm)": llvm_cpu,
+        "numba svml": getattr(numba.config, "USING_SVML", None),
+    }
+
+
+def cpu_description():
+    """One line naming the CPU and its vector ISA, for benchmark headers: ``"AMD EPYC 7B13 (AVX2; llvm znver3)"``.
+
+    The ISA is the one torch's CPU kernels use (``torch.backends.cpu.get_cpu_capability()``), the llvm name the CPU
+    numba compiles for; ``SVML`` is added when numba vectorises ``exp``/``log`` with Intel's SVML.
+    """
+    facts = _cpu_facts()
+    details = [facts["cpu isa (torch)"]]
+    if facts["cpu (numba/llvm)"]:
+        details.append(f"llvm {facts['cpu (numba/llvm)']}")
+    if facts["numba svml"]:
+        details.append("SVML")
+    details = [d for d in details if d]
+    return f"{facts['cpu']} ({'; '.join(details)})" if details else facts["cpu"]
+
+
 def env_report(print_report=True):
-    """Versions, device, threads and live kernel backends; printed and returned as a dict."""
+    """Versions, device, CPU model and vector ISA, threads and live kernel backends; printed and returned as a dict."""
     import numba
     import numpy as np
     import torch
@@ -72,6 +132,7 @@ def env_report(print_report=True):
         "numpy": np.__version__,
         "device": str(device()),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        **_cpu_facts(),
         "cpu threads (torch)": torch.get_num_threads(),
         "cpu threads (numba)": numba.get_num_threads(),
         "backends": kernels.backends(),
@@ -87,4 +148,4 @@ def env_report(print_report=True):
     return report
 
 
-__all__ = ["__version__", "env_report", "seed_everything", "device"]
+__all__ = ["__version__", "env_report", "cpu_description", "seed_everything", "device"]

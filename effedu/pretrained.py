@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
-import os
 from pathlib import Path
 
 import torch
@@ -372,7 +371,7 @@ def passages(n_tokens, tokenizer, *, per_topic=2, seed=0):
     passages for each of the 12 topics. Returns ``(input_ids (N, n), labels)``; N = 12·per_topic."""
     import random
 
-    from .sentences import TOPICS, generate_sentences
+    from .data.sentences import TOPICS, generate_sentences
 
     rows = generate_sentences(100, seed)
     rng = random.Random(seed)
@@ -428,46 +427,6 @@ def compare_variants(encoder, tokenizer, ns=(128, 256, 512), variants=None, *, b
                          "cosine": fid["cosine"],
                          "top1": fid["top1"], "top5": fid["top5"]})
     return rows
-
-
-def bench_pretrained(args):
-    """MiniLM-L6 forward: effedu's encoder vs transformers' BertModel, and each attention variant with fidelity."""
-    import numba
-
-    from .measure import time_it
-
-    torch.set_num_threads(args.threads)
-    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
-    encoder, tokenizer = load_minilm()
-    lines = [f"all-MiniLM-L6-v2 forward, float32, {args.threads} threads"]
-    ids = passages(128, tokenizer)[0][:8]
-    mask = torch.ones_like(ids)
-    try:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from transformers import BertModel
-
-        hf = BertModel.from_pretrained(str(model_files()["vocab.txt"].parent), attn_implementation="eager").eval()
-    except ImportError:
-        hf = None
-    with torch.no_grad():
-        t_me = time_it(encoder, ids, mask, warmup=2, repeat=9)
-        if hf is not None:
-            t_hf = time_it(lambda: hf(input_ids=ids, attention_mask=mask), warmup=2, repeat=9)
-            t_me = min(t_me, time_it(encoder, ids, mask, warmup=1, repeat=9))  # interleaved: fair to both
-            lines.append(f"batch 8, n=128: effedu {t_me * 1e3:.1f} ms, transformers BertModel (eager) {t_hf * 1e3:.1f} ms"
-                         f" → target ≤ 1.3×: {t_me / t_hf:.2f}×")
-        else:
-            lines.append(f"batch 8, n=128: effedu {t_me * 1e3:.1f} ms (transformers not installed: no comparison)")
-    ns = (128, 256) if args.quick else (128, 256, 512)
-    rows = compare_variants(encoder, tokenizer, ns, plug_in_variants())
-    lines += ["", "each attention variant plugged in without retraining; fidelity vs dense on 24 passages of n tokens "
-              "(12 topics); time and peak memory of one forward of 8 passages",
-              f"{'variant':52s} {'n':>5} {'ms':>8} {'× dense':>8} {'peak MiB':>9} {'cosine':>7} {'top-1':>6} {'top-5':>6}"]
-    dense_ms = {r["n"]: r["ms"] for r in rows if r["variant"] == "dense (exact)"}
-    for r in rows:
-        lines.append(f"{r['variant']:52s} {r['n']:>5} {r['ms']:8.1f} {r['ms'] / dense_ms[r['n']]:7.2f}× "
-                     f"{r['peak_mib']:9.1f} {r['cosine']:7.3f} {r['top1']:6.2f} {r['top5']:6.2f}")
-    return "\n".join(lines)
 
 
 def plug_in_variants():

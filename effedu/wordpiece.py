@@ -246,6 +246,12 @@ def _is_int(x):
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _token_id(token, doc):
+    """A read-only property: the id of the special ``token`` in this vocabulary (``None`` if it has none; the
+    constructor guarantees ``[PAD] [UNK] [CLS] [SEP]``)."""
+    return property(lambda self: self.vocab.get(token), doc=doc)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 4. The tokenizer.
 # ---------------------------------------------------------------------------------------------------------------
@@ -315,30 +321,14 @@ class WordPieceTokenizer:
     def __len__(self):
         return self.vocab_size
 
-    @property
-    def pad_id(self):
-        """Id of ``[PAD]`` (0 in BERT's vocabulary): fills the batch rectangle, masked out of attention."""
-        return self.vocab[PAD]
-
-    @property
-    def unk_id(self):
-        """Id of ``[UNK]``: a word WordPiece cannot spell."""
-        return self.vocab[UNK]
-
-    @property
-    def cls_id(self):
-        """Id of ``[CLS]``: the first token of every sequence (BERT's classification summary position)."""
-        return self.vocab[CLS]
-
-    @property
-    def sep_id(self):
-        """Id of ``[SEP]``: ends each segment."""
-        return self.vocab[SEP]
-
-    @property
-    def mask_id(self):
-        """Id of ``[MASK]`` (BERT's masked-LM placeholder), or ``None`` if the vocabulary has none."""
-        return self.vocab.get(MASK)
+    pad_id = _token_id(PAD, "Id of ``[PAD]`` (0 in BERT's vocabulary): fills the batch rectangle, masked out of "
+                            "attention.")
+    unk_id = _token_id(UNK, "Id of ``[UNK]``: a word WordPiece cannot spell.")
+    cls_id = _token_id(CLS, "Id of ``[CLS]``: the first token of every sequence (BERT's classification summary "
+                            "position).")
+    sep_id = _token_id(SEP, "Id of ``[SEP]``: ends each segment.")
+    mask_id = _token_id(MASK, "Id of ``[MASK]`` (BERT's masked-LM placeholder), or ``None`` if the vocabulary has "
+                              "none.")
 
     def __repr__(self):
         return (f"WordPieceTokenizer(vocab_size={self.vocab_size}, lowercase={self.lowercase}, "

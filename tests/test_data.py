@@ -419,7 +419,7 @@ def test_corpus_structure():
 
 def test_regenerate_cli_and_write_corpus(tmp_path):
     out = tmp_path / "corpus.txt"
-    D._main(["--regenerate", "--out", str(out)])
+    D.cli.main(["--regenerate", "--out", str(out)])
     assert out.read_bytes() == (REPO / "data" / "tiny_corpus.txt").read_bytes()
     small = D.write_corpus(tmp_path / "sub" / "small.txt", n_sentences=50, seed=3)
     assert D.load_corpus(small) == D.generate_corpus(50, seed=3)

@@ -2,19 +2,15 @@
 
 The oracle (transformers, test-only dependency) reads the same files from the installed package folder, offline.
 """
-import os
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the oracle reads local files only
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-from effedu import pretrained  # noqa: E402
-from effedu.pretrained import BertEncoder, fidelity, load_minilm, mean_pool, model_files  # noqa: E402
-from effedu.sentences import generate_sentences, load_sentences  # noqa: E402
+from effedu import pretrained
+from effedu.pretrained import BertEncoder, fidelity, load_minilm, mean_pool, model_files
+from effedu.sentences import generate_sentences, load_sentences
 
 AWKWARD = [
     "A cat sat on the mat.",
@@ -35,12 +31,19 @@ def minilm():
 @pytest.fixture(scope="module")
 def hf():
     try:
+        import transformers
         from transformers import BertModel, BertTokenizerFast
     except ImportError as e:  # a test dependency: say how to get it rather than skip
         pytest.fail(f"transformers is a test dependency of effedu (pip install -e '.[test]'): {e}")
     folder = str(model_files()["vocab.txt"].parent)
-    model = BertModel.from_pretrained(folder, attn_implementation="eager").eval()
-    return model, BertTokenizerFast.from_pretrained(folder)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # for this module's tests only: restored below
+    try:
+        # local_files_only: the oracle reads the package's files, offline, without switching the process offline
+        model = BertModel.from_pretrained(folder, attn_implementation="eager", local_files_only=True).eval()
+        yield model, BertTokenizerFast.from_pretrained(folder, local_files_only=True)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
 
 
 def test_files_are_checked_and_the_package_code_never_runs(minilm):

@@ -8,7 +8,8 @@ different topics do not.
 
     python -m effedu.sentences --regenerate      # rewrites data/eval_sentences.tsv (topic <TAB> sentence)
 
-``tests/test_pretrained.py`` checks that the shipped file equals ``generate_sentences()`` line for line.
+``effedu.sentences`` re-exports this module. ``tests/test_pretrained.py`` checks that the shipped file equals
+``generate_sentences()`` line for line.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import argparse
 import random
 from pathlib import Path
 
-DEFAULT_PATH = Path(__file__).resolve().parent.parent / "data" / "eval_sentences.tsv"
+DEFAULT_PATH = Path(__file__).resolve().parents[2] / "data" / "eval_sentences.tsv"  # <repo>/data/
 PER_TOPIC = 25
 
 # topic → (templates, slot fillers). {a}, {b}, {c} are filled from the topic's lists.
@@ -148,7 +149,8 @@ def load_sentences(path=None, *, topics=None) -> tuple[list[str], list[str]]:
     return [s for _, s in rows], [t for t, _ in rows]
 
 
-def _main(argv=None):
+def main(argv=None):
+    """``python -m effedu.sentences [--regenerate]``: print two sentences a topic, or rewrite the file."""
     ap = argparse.ArgumentParser(prog="python -m effedu.sentences", description=__doc__.splitlines()[0])
     ap.add_argument("--regenerate", action="store_true", help=f"rewrite {DEFAULT_PATH.name}")
     args = ap.parse_args(argv)
@@ -160,4 +162,4 @@ def _main(argv=None):
 
 
 if __name__ == "__main__":
-    _main()
+    main()

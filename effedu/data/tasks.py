@@ -1,8 +1,8 @@
-"""Data for the course: six synthetic tasks that probe attention, and a tiny text corpus.
+"""Six synthetic tasks that probe attention: copy, reverse, sort, associative recall, ListOps, brackets.
 
-Every chapter trains or measures the same small Transformer on data that is made here, in code, in seconds, with
-nothing downloaded. Each synthetic task isolates one thing attention has to do, so that when a faster or lighter
-variant (sparse, low-rank, kernelised, pruned, quantised ...) loses accuracy, we can say *which* ability it lost.
+Made in code, in seconds, with nothing downloaded. Each task isolates one thing attention has to do, so that when a
+faster or lighter variant (sparse, low-rank, kernelised, pruned, quantised ...) loses accuracy, we can say *which*
+ability it lost.
 
 All tasks return a :class:`Batch` ``(inputs, targets)`` of two ``LongTensor`` of shape ``(N, L)``:
 
@@ -53,36 +53,22 @@ marker, like a CLS token placed at the end so a causal model has read everything
 A generator asked for a ``vocab_size`` too small for its layout, or a ``seq_len`` too short to hold one example,
 raises a ``ValueError`` that says what the minimum is.
 
-The corpus. For the language-model chapters (training curves, distillation, quantisation, pruning ...) the course
-ships ``data/tiny_corpus.txt``, about 200 KB of English-like text that :func:`generate_corpus` writes from a seeded
-probabilistic grammar (a few hundred words): subjects, verbs and objects with number agreement across relative
-clauses and prepositional phrases ("the keys near the old doors *are* ..."), a tense kept for a whole paragraph,
-a protagonist named once and then referred to as "he"/"she", numbers that agree with their noun, quotes and
-parentheses that are opened and closed. Short-range rules (spelling, "a"/"an") are learnt by any model;
-the long-range ones are where attention earns its cost. ``python -m effedu.data --regenerate`` rewrites the file
-(see ``data/README.md``); a test checks the shipped file is byte-for-byte ``generate_corpus()``.
-
-Determinism: every random choice takes ``seed=`` and draws from a local ``torch.Generator`` (the corpus, pure
-Python, from a local ``random.Random(seed)``), never from a global RNG: the same call gives the same tensors on
-every run and every machine, whatever else the notebook did before.
+Determinism: every random choice takes ``seed=`` and draws from a local ``torch.Generator``, never from a global
+RNG: the same call gives the same tensors on every run and every machine, whatever else the notebook did before.
 """
 from __future__ import annotations
 
-import argparse
-import random
-import warnings
-from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple
 
 import torch
 
-from ._checks import check_positive_int
+from .._checks import check_choice, check_positive_int, check_seed
+from ..model import IGNORE  # target of every unscored position (F.cross_entropy's default ignore_index, -100)
 
 # --------------------------------------------------------------------------------------------------------------
 # Token layout and the batch type
 # --------------------------------------------------------------------------------------------------------------
 
-IGNORE = -100  # target of every unscored position (F.cross_entropy's default ignore_index)
 PAD = 0  # padding token, never scored
 SEP = 1  # prompt/answer separator; "answer now" marker at the last position of listops/brackets
 FIRST_SYMBOL = 2  # first id available to task tokens (ids 0 .. FIRST_SYMBOL-1 are reserved)
@@ -127,23 +113,15 @@ class Batch(NamedTuple):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _check_seed(seed, where):
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"{where}: seed must be an int, got {type(seed).__name__}")
-    if seed < 0:
-        raise ValueError(f"{where}: seed must be a non-negative int, got {seed}")
-    return seed
-
-
 def _generator(seed, where):
-    return torch.Generator().manual_seed(_check_seed(seed, where))
+    return torch.Generator().manual_seed(check_seed(seed, where))
 
 
 def _check_task_args(where, n_samples, seq_len, vocab_size, seed, *, min_len, min_vocab, why_len, why_vocab):
     check_positive_int(n_samples, "n_samples", where)
     check_positive_int(seq_len, "seq_len", where)
     check_positive_int(vocab_size, "vocab_size", where)
-    _check_seed(seed, where)
+    check_seed(seed, where)
     if seq_len < min_len:
         raise ValueError(f"{where}: seq_len must be >= {min_len} ({why_len}), got {seq_len}")
     if vocab_size < min_vocab:
@@ -523,27 +501,19 @@ _DEFAULT_VOCAB = {"copy": 12, "reverse": 12, "sort": 12, "recall": 130, "listops
                   "brackets": N_SPECIAL + 2 * 2}
 
 
-def _check_name(name, where):
-    if not isinstance(name, str):
-        raise TypeError(f"{where}: name must be a str, one of {', '.join(TASKS)}; got {type(name).__name__}")
-    if name not in TASKS:
-        raise ValueError(f"{where}: unknown task name {name!r}; valid names: {', '.join(TASKS)}")
-    return name
-
-
 def task_vocab_size(name: str) -> int:
     """The default ``vocab_size`` of task ``name`` (what its generator uses when none is given)."""
-    return _DEFAULT_VOCAB[_check_name(name, "task_vocab_size")]
+    return _DEFAULT_VOCAB[check_choice(name, TASKS, "task name", "task_vocab_size")]
 
 
 def make_task(name: str, n_samples: int, seq_len: int, *, seed: int = 0, **kw) -> Batch:
     """``TASKS[name](n_samples, seq_len, seed=seed, **kw)``, with a clear error for an unknown name."""
-    return TASKS[_check_name(name, "make_task")](n_samples, seq_len, seed=seed, **kw)
+    return TASKS[check_choice(name, TASKS, "task name", "make_task")](n_samples, seq_len, seed=seed, **kw)
 
 
 def to_text(name: str, tokens) -> str:
     """Render a row of a task's tokens readably: symbols as numbers, PAD ``_``, SEP ``|``, ListOps/bracket glyphs."""
-    _check_name(name, "to_text")
+    check_choice(name, TASKS, "task name", "to_text")
     if isinstance(tokens, torch.Tensor):
         tokens = tokens.tolist()
     words = []
@@ -563,459 +533,3 @@ def to_text(name: str, tokens) -> str:
     return " ".join(words)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# The tiny corpus: a seeded probabilistic grammar
-# --------------------------------------------------------------------------------------------------------------
-
-DEFAULT_CORPUS_PATH = Path(__file__).resolve().parent.parent / "data" / "tiny_corpus.txt"
-DEFAULT_N_SENTENCES = 4700  # gives about 200 KB with seed 0
-
-# Nouns as (singular, plural). Animate ones can see, sing, say things; inanimate ones are objects and places.
-_ANIMATE = [
-    ("cat", "cats"), ("dog", "dogs"), ("bird", "birds"), ("fox", "foxes"), ("horse", "horses"), ("mouse", "mice"),
-    ("child", "children"), ("man", "men"), ("woman", "women"), ("teacher", "teachers"), ("farmer", "farmers"),
-    ("baker", "bakers"), ("king", "kings"), ("queen", "queens"), ("sailor", "sailors"), ("doctor", "doctors"),
-    ("student", "students"), ("friend", "friends"), ("neighbor", "neighbors"), ("wolf", "wolves"), ("owl", "owls"),
-    ("rabbit", "rabbits"), ("bear", "bears"), ("goat", "goats"), ("frog", "frogs"), ("duck", "ducks"),
-    ("painter", "painters"), ("soldier", "soldiers"), ("traveler", "travelers"), ("musician", "musicians"),
-    ("girl", "girls"), ("boy", "boys"), ("merchant", "merchants"), ("fisherman", "fishermen"), ("goose", "geese"),
-]
-_THINGS = [
-    ("book", "books"), ("apple", "apples"), ("box", "boxes"), ("key", "keys"), ("letter", "letters"),
-    ("lamp", "lamps"), ("cup", "cups"), ("stone", "stones"), ("map", "maps"), ("coat", "coats"),
-    ("basket", "baskets"), ("bell", "bells"), ("clock", "clocks"), ("ship", "ships"), ("boat", "boats"),
-    ("song", "songs"), ("story", "stories"), ("candle", "candles"), ("egg", "eggs"), ("hat", "hats"),
-    ("ring", "rings"), ("door", "doors"), ("window", "windows"), ("bottle", "bottles"), ("coin", "coins"),
-    ("flower", "flowers"), ("tree", "trees"), ("knife", "knives"), ("loaf", "loaves"), ("shoe", "shoes"),
-    ("umbrella", "umbrellas"), ("orange", "oranges"), ("envelope", "envelopes"), ("mirror", "mirrors"),
-    ("blanket", "blankets"), ("pencil", "pencils"), ("feather", "feathers"), ("bucket", "buckets"),
-    ("picture", "pictures"), ("wheel", "wheels"),
-]
-_PLACES = [
-    "market", "garden", "river", "forest", "village", "hill", "school", "harbor", "kitchen", "station",
-    "library", "field", "tower", "mill", "bakery", "bridge", "castle", "lake", "valley", "square", "island",
-    "orchard", "meadow", "cellar", "attic",
-]
-_ADJECTIVES = [
-    "small", "big", "old", "young", "red", "blue", "green", "quiet", "loud", "happy", "sad", "hungry", "tired",
-    "clever", "brave", "gentle", "strange", "bright", "dark", "warm", "cold", "heavy", "tall", "little", "round",
-    "empty", "broken", "golden", "wooden", "shiny", "careful", "lazy", "curious", "ancient", "yellow", "white",
-    "black", "gray", "honest", "elegant", "ugly", "angry", "orange", "early", "famous", "silent",
-]
-# Verbs as (3rd person singular present, base = plural present, past).
-_TRANSITIVE = [
-    ("sees", "see", "saw"), ("finds", "find", "found"), ("likes", "like", "liked"), ("carries", "carry", "carried"),
-    ("watches", "watch", "watched"), ("follows", "follow", "followed"), ("helps", "help", "helped"),
-    ("paints", "paint", "painted"), ("opens", "open", "opened"), ("holds", "hold", "held"),
-    ("keeps", "keep", "kept"), ("loses", "lose", "lost"), ("builds", "build", "built"),
-    ("chases", "chase", "chased"), ("feeds", "feed", "fed"), ("brings", "bring", "brought"),
-    ("reads", "read", "read"), ("wants", "want", "wanted"), ("remembers", "remember", "remembered"),
-    ("hides", "hide", "hid"), ("drops", "drop", "dropped"), ("buys", "buy", "bought"), ("sells", "sell", "sold"),
-    ("cleans", "clean", "cleaned"), ("counts", "count", "counted"), ("loves", "love", "loved"),
-    ("fixes", "fix", "fixed"), ("draws", "draw", "drew"), ("takes", "take", "took"),
-    ("visits", "visit", "visited"), ("admires", "admire", "admired"), ("forgets", "forget", "forgot"),
-]
-_INTRANSITIVE = [
-    ("sleeps", "sleep", "slept"), ("runs", "run", "ran"), ("sings", "sing", "sang"), ("waits", "wait", "waited"),
-    ("laughs", "laugh", "laughed"), ("smiles", "smile", "smiled"), ("walks", "walk", "walked"),
-    ("dances", "dance", "danced"), ("works", "work", "worked"), ("rests", "rest", "rested"),
-    ("listens", "listen", "listened"), ("wanders", "wander", "wandered"), ("cries", "cry", "cried"),
-    ("shouts", "shout", "shouted"), ("sits", "sit", "sat"), ("hurries", "hurry", "hurried"),
-    ("whistles", "whistle", "whistled"), ("travels", "travel", "traveled"),
-]
-_SPEECH = ["said", "whispered", "shouted", "replied", "answered", "called", "murmured"]
-_ADVERBS = [
-    "quickly", "slowly", "quietly", "happily", "carefully", "suddenly", "softly", "loudly", "gently", "again",
-    "early", "late", "together", "alone", "today", "twice",
-]
-_FEMALE = ["Anna", "Maria", "Lena", "Sofia", "Clara", "Nora", "Eva", "Ida", "Rosa", "Alice", "Mila", "Julia",
-           "Emma", "Olga", "Tara", "Greta"]
-_MALE = ["Tom", "Leo", "Max", "Paul", "Hugo", "Oscar", "Felix", "Ben", "Sam", "Omar", "Ivan", "Karl", "Peter",
-         "Jonas", "Noah", "Victor"]
-_NUMBER_WORDS = ["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
-_DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
-_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-           "November", "December"]
-_TIMES = ["in the morning", "at night", "every day", "in the evening", "at noon", "after dinner", "before dawn",
-          "in winter", "in summer", "at dusk"]
-_CONNECTIVES = ["and", "but", "because", "while", "so", "when", "although"]
-_PREPOSITIONS = ["near", "behind", "beside", "under", "above", "beyond", "across", "inside"]
-
-
-class _Grammar:
-    """One paragraph at a time: a protagonist (name, gender), a tense, then sentences built from phrases.
-
-    Agreement is carried by arguments: ``pl`` (is the subject plural?) decides "sees"/"see", "is"/"are",
-    "was"/"were"; ``past`` is fixed for the paragraph; pronouns follow the protagonist's gender.
-    """
-
-    def __init__(self, rng: random.Random):
-        self.r = rng
-        self.past = False
-        self.name, self.she = "Anna", True
-
-    # ---- small pieces ------------------------------------------------------------------------------------------
-    def chance(self, p):
-        return self.r.random() < p
-
-    @staticmethod
-    def article(word, det):
-        return ("an" if word[0] in "aeiou" or word.startswith("hon") else "a") if det == "a" else det
-
-    def verb(self, forms, pl, past=None):
-        past = self.past if past is None else past
-        return forms[2] if past else (forms[1] if pl else forms[0])
-
-    def be(self, pl, past=None):
-        past = self.past if past is None else past
-        return ("were" if pl else "was") if past else ("are" if pl else "is")
-
-    def have(self, pl, past=None):
-        past = self.past if past is None else past
-        return "had" if past else ("have" if pl else "has")
-
-    def adjs(self, p=0.45):
-        words = []
-        while len(words) < 2 and self.chance(p):
-            a = self.r.choice(_ADJECTIVES)
-            if a not in words:
-                words.append(a)
-        return words
-
-    def place(self):
-        return f"{self.r.choice(['in', 'at', 'near', 'behind', 'beside'])} the {self.r.choice(_PLACES)}"
-
-    # ---- noun phrases ------------------------------------------------------------------------------------------
-    def np(self, pl, animate, depth=0, allow_rel=True):
-        """A noun phrase of number ``pl``; may carry a PP with a noun of *either* number (an attractor)."""
-        sg_form, pl_form = self.r.choice(_ANIMATE if animate else _THINGS)
-        noun = pl_form if pl else sg_form
-        adj = self.adjs()
-        if pl:
-            det = self.r.choice(["the", "the", "these", "those", "some", "many", "my", "our", "NUM", "DIGITS"])
-            if det == "NUM":
-                det = self.r.choice(_NUMBER_WORDS)
-            elif det == "DIGITS":
-                det = str(self.r.randint(13, 99))
-        else:
-            det = self.r.choice(["the", "the", "a", "a", "this", "that", "every", "one", "my", "her", "his"])
-        first = adj[0] if adj else noun
-        words = [self.article(first, det)] + adj + [noun]
-        if depth < 1 and self.chance(0.2):  # "the keys near the old doors": a noun of random number in between
-            words += [self.r.choice(_PREPOSITIONS), self.np(self.chance(0.5), self.chance(0.3), depth + 1, False)]
-        if allow_rel and depth < 1 and self.chance(0.18):
-            words.append(self.rel_clause(pl, animate, depth + 1))
-        return " ".join(words)
-
-    def rel_clause(self, head_pl, head_animate, depth):
-        rel = "who" if head_animate and self.chance(0.6) else "that"
-        if head_animate and self.chance(0.5):  # subject relative: the verb agrees with the head noun
-            return f"{rel} {self.vp(head_pl, depth + 1, short=True)}"
-        # object relative: the verb agrees with the inner subject, not with the head
-        inner_pl = self.chance(0.5)
-        v = self.verb(self.r.choice(_TRANSITIVE), inner_pl)
-        return f"that {self.np(inner_pl, True, depth + 1, False)} {v}"
-
-    def subject(self):
-        """(text, plural?) of a subject: a noun phrase, the protagonist's name or pronoun, or a pair of names."""
-        x = self.r.random()
-        if x < 0.5:
-            pl = self.chance(0.45)
-            return self.np(pl, True), pl
-        if x < 0.7:
-            return self.name, False
-        if x < 0.88:
-            return ("she" if self.she else "he"), False
-        if x < 0.95:
-            return f"{self.name} and {self.other_name()}", True
-        return "they", True
-
-    def other_name(self):
-        while True:
-            n = self.r.choice(_FEMALE + _MALE)
-            if n != self.name:
-                return n
-
-    # ---- verb phrases ------------------------------------------------------------------------------------------
-    def vp(self, pl, depth=0, short=False):
-        x = self.r.random()
-        if x < 0.45:
-            words = [self.verb(self.r.choice(_TRANSITIVE), pl), self.np(self.chance(0.4), self.chance(0.25),
-                                                                       depth + 1, allow_rel=not short)]
-        elif x < 0.7:
-            words = [self.verb(self.r.choice(_INTRANSITIVE), pl)]
-            if self.chance(0.4):
-                words.append(self.r.choice(_ADVERBS))
-        elif x < 0.88:
-            words = [self.be(pl), self.r.choice(_ADJECTIVES)]
-            if self.chance(0.3):
-                words += ["and", self.r.choice(_ADJECTIVES)]
-        else:
-            words = [self.be(pl), self.place()]
-        if not short and self.chance(0.25):
-            words.append(self.place() if self.chance(0.5) else self.r.choice(_TIMES))
-        return " ".join(words)
-
-    # ---- sentences ---------------------------------------------------------------------------------------------
-    def clause(self):
-        s, pl = self.subject()
-        return f"{s} {self.vp(pl)}"
-
-    def question(self, past=None):
-        past = self.past if past is None else past
-        pl = self.chance(0.45)
-        s = self.np(pl, True, allow_rel=False)
-        if self.chance(0.5):
-            aux = "did" if past else ("do" if pl else "does")
-            return f"{aux} {s} {self.r.choice(_TRANSITIVE)[1]} {self.np(self.chance(0.5), False, 1)}?"
-        return f"{self.be(pl, past)} {s} {self.r.choice(_ADJECTIVES)}?"
-
-    def speech(self):
-        """Direct speech: the quote is opened, a present-tense sentence or question is said, the quote closes."""
-        speaker = self.r.choice([self.name, "she" if self.she else "he", self.np(False, True, 1, False)])
-        if self.chance(0.35):
-            inner = self.question(past=False)
-            verb = "asked"
-        else:
-            saved, self.past = self.past, False
-            inner = self.clause() + self.r.choice([".", ".", "!"])
-            self.past = saved
-            verb = self.r.choice(_SPEECH)
-        inner = inner[0].upper() + inner[1:]
-        if self.chance(0.5):
-            return f'{speaker} {verb}, "{inner}"'
-        inner = inner[:-1] + ("," if inner[-1] == "." else inner[-1])
-        if speaker in ("he", "she"):
-            return f'"{inner}" {speaker} {verb}.'
-        return f'"{inner}" {verb} {speaker}.'
-
-    def counting(self):
-        """'Anna has three red apples and one old book.' — numbers agree with their nouns."""
-        items = []
-        for _ in range(self.r.randint(1, 3)):
-            k = self.r.choice([1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, self.r.randint(13, 99)])
-            sg, pl = self.r.choice(_THINGS)
-            adj = self.adjs(0.4)
-            num = "one" if k == 1 else (_NUMBER_WORDS[k - 2] if k <= 12 else str(k))
-            items.append(" ".join([num] + adj + [sg if k == 1 else pl]))
-        listed = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
-        who = self.r.choice([self.name, "she" if self.she else "he"])
-        return f"{who} {self.have(False)} {listed}."
-
-    def dated(self):
-        x = self.r.random()
-        if x < 0.4:
-            when = f"In {self.r.randint(1800, 2023)}"
-        elif x < 0.7:
-            when = f"On {self.r.choice(_DAYS)}"
-        elif x < 0.85:
-            when = f"In {self.r.choice(_MONTHS)}"
-        else:
-            when = f"At {self.r.randint(1, 12)}:{self.r.randint(0, 59):02d}"
-        return f"{when}, {self.clause()}."
-
-    def parenthetical(self):
-        pl = self.chance(0.45)
-        s = self.np(pl, True, allow_rel=False)
-        aside = self.r.choice([
-            f"{self.r.choice(_ADJECTIVES)} and {self.r.choice(_ADJECTIVES)}",
-            f"{self.be(pl)} {self.r.choice(['still', 'always', 'never', 'often'])} {self.r.choice(_ADJECTIVES)}",
-            f"the {self.r.choice(_THINGS)[0]} of {self.name}",
-            f"{'they' if pl else 'it'} {self.be(pl)} true",
-        ])
-        return f"{s} ({aside}) {self.vp(pl)}."
-
-    def sentence(self):
-        x = self.r.random()
-        if x < 0.36:
-            s = self.clause() + "."
-        elif x < 0.52:
-            s = self.speech()
-        elif x < 0.62:
-            s = f"{self.clause()}, {self.r.choice(_CONNECTIVES)} {self.clause()}."
-        elif x < 0.7:
-            s = self.question()
-        elif x < 0.78:
-            s = self.counting()
-        elif x < 0.86:
-            s = self.dated()
-        elif x < 0.93:
-            s = self.parenthetical()
-        else:
-            s = f"{self.r.choice(_ADVERBS).capitalize()}, {self.clause()}."
-        return s[0].upper() + s[1:]
-
-    def paragraph(self, n):
-        """n sentences about one protagonist, in one tense; the first sentence introduces them by name."""
-        self.she = self.chance(0.5)
-        self.name = self.r.choice(_FEMALE if self.she else _MALE)
-        self.past = self.chance(0.5)
-        intro = f"{self.name} {self.vp(False)}."
-        return " ".join([intro] + [self.sentence() for _ in range(n - 1)])
-
-
-def generate_corpus(n_sentences: int = DEFAULT_N_SENTENCES, seed: int = 0) -> str:
-    """English-like text from the seeded grammar above: paragraphs of 2-9 sentences, one per line.
-
-    Pure Python (``random.Random(seed)``, lists only, no set/dict iteration order involved), so the text is the
-    same on every platform; ``generate_corpus()`` is exactly ``data/tiny_corpus.txt``.
-    """
-    check_positive_int(n_sentences, "n_sentences", "generate_corpus")
-    _check_seed(seed, "generate_corpus")
-    g = _Grammar(random.Random(seed))
-    lines, done = [], 0
-    while done < n_sentences:
-        n = min(g.r.randint(2, 9), n_sentences - done)
-        lines.append(g.paragraph(n))
-        done += n
-    return "\n".join(lines) + "\n"
-
-
-def _corpus_path(path):
-    if path is None:
-        return DEFAULT_CORPUS_PATH
-    if not isinstance(path, (str, Path)):
-        raise TypeError(f"path must be a str, a pathlib.Path or None, got {type(path).__name__}")
-    return Path(path)
-
-
-def write_corpus(path=None, *, n_sentences: int = DEFAULT_N_SENTENCES, seed: int = 0) -> Path:
-    """Write ``generate_corpus(n_sentences, seed)`` to ``path`` (default ``data/tiny_corpus.txt``), UTF-8, ``\\n``."""
-    p = _corpus_path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_bytes(generate_corpus(n_sentences, seed).encode("utf-8"))  # bytes: no newline translation anywhere
-    return p
-
-
-def load_corpus(path=None) -> str:
-    """The text of the shipped corpus (or of ``path``); regenerated in memory, with a warning, if the file is gone."""
-    p = _corpus_path(path)
-    if not p.is_file():
-        warnings.warn(f"load_corpus: {p} not found; regenerating the corpus in memory with generate_corpus() "
-                      f"(run `python -m effedu.data --regenerate` to write it)", stacklevel=2)
-        return generate_corpus()
-    return p.read_bytes().decode("utf-8")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Character tokenizer and language-model batches
-# --------------------------------------------------------------------------------------------------------------
-
-
-class CharTokenizer:
-    """One token per character: ``itos`` = the sorted distinct characters of the text, ``stoi`` its inverse."""
-
-    def __init__(self, text: str):
-        if not isinstance(text, str):
-            raise TypeError(f"CharTokenizer: text must be a str, got {type(text).__name__}")
-        if not text:
-            raise ValueError("CharTokenizer: text must not be empty")
-        self.itos: list[str] = sorted(set(text))
-        self.stoi: dict[str, int] = {c: i for i, c in enumerate(self.itos)}
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.itos)
-
-    def __len__(self):
-        return len(self.itos)
-
-    def __repr__(self):
-        return f"CharTokenizer(vocab_size={self.vocab_size})"
-
-    def encode(self, text: str) -> torch.Tensor:
-        """``LongTensor (len(text),)`` of character ids; unknown characters raise ``ValueError``."""
-        if not isinstance(text, str):
-            raise TypeError(f"CharTokenizer.encode: text must be a str, got {type(text).__name__}")
-        try:
-            ids = [self.stoi[c] for c in text]
-        except KeyError as e:
-            raise ValueError(f"CharTokenizer.encode: character {e.args[0]!r} is not in the vocabulary "
-                             f"({self.vocab_size} characters)") from None
-        return torch.tensor(ids, dtype=torch.long)
-
-    def decode(self, ids) -> str:
-        """The text of a 1-D ``LongTensor`` or a list of ids."""
-        if isinstance(ids, torch.Tensor):
-            if ids.dim() != 1:
-                raise ValueError(f"CharTokenizer.decode: ids must be 1-D, got shape {tuple(ids.shape)}")
-            ids = ids.tolist()
-        if not isinstance(ids, (list, tuple)):
-            raise TypeError(f"CharTokenizer.decode: ids must be a 1-D tensor or a list of ints, "
-                            f"got {type(ids).__name__}")
-        bad = [i for i in ids if not 0 <= int(i) < self.vocab_size]
-        if bad:
-            raise ValueError(f"CharTokenizer.decode: ids must be in [0, {self.vocab_size}), got {bad[0]}")
-        return "".join(self.itos[int(i)] for i in ids)
-
-
-def corpus_tokenizer(path=None) -> CharTokenizer:
-    """The character tokenizer of the shipped corpus."""
-    return CharTokenizer(load_corpus(path))
-
-
-def _check_tokens(tokens, where):
-    if not isinstance(tokens, torch.Tensor):
-        raise TypeError(f"{where}: tokens must be a torch.Tensor, got {type(tokens).__name__}")
-    if tokens.dim() != 1:
-        raise ValueError(f"{where}: tokens must be 1-D (N_total,), got shape {tuple(tokens.shape)}")
-    if tokens.dtype != torch.long:
-        raise TypeError(f"{where}: tokens must have dtype torch.long, got {tokens.dtype}")
-
-
-def train_val_split(tokens: torch.Tensor, val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Contiguous split: the first ``1 - val_fraction`` of the stream for training, the rest for validation.
-
-    Contiguous, not shuffled windows: shuffled windows would overlap across the split and leak text.
-    """
-    _check_tokens(tokens, "train_val_split")
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
-        raise ValueError(f"train_val_split: val_fraction must be a number in (0, 1), got {val_fraction!r}")
-    n_val = int(round(len(tokens) * val_fraction))
-    if n_val == 0 or n_val == len(tokens):
-        raise ValueError(f"train_val_split: val_fraction={val_fraction} of {len(tokens)} tokens leaves an empty part")
-    return tokens[:-n_val], tokens[-n_val:]
-
-
-def lm_batch(tokens: torch.Tensor, batch_size: int, seq_len: int, *, seed: int = 0) -> Batch:
-    """``batch_size`` random windows of ``seq_len + 1`` tokens: inputs = window[:-1], targets = window[1:]."""
-    where = "lm_batch"
-    _check_tokens(tokens, where)
-    check_positive_int(batch_size, "batch_size", where)
-    check_positive_int(seq_len, "seq_len", where)
-    if len(tokens) < seq_len + 1:
-        raise ValueError(f"{where}: seq_len must be < len(tokens)={len(tokens)} (a window holds seq_len + 1 "
-                         f"tokens), got {seq_len}")
-    g = _generator(seed, where)
-    starts = torch.randint(0, len(tokens) - seq_len, (batch_size,), generator=g)  # (B,)
-    windows = tokens[starts[:, None] + torch.arange(seq_len + 1)]  # (B, L+1)
-    return Batch(windows[:, :-1].contiguous(), windows[:, 1:].contiguous())
-
-
-# --------------------------------------------------------------------------------------------------------------
-# python -m effedu.data [--regenerate]
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m effedu.data",
-                                 description="Show the synthetic tasks, or regenerate data/tiny_corpus.txt.")
-    ap.add_argument("--regenerate", action="store_true", help="rewrite data/tiny_corpus.txt from the grammar")
-    ap.add_argument("--out", default=None, help="write the corpus here instead of data/tiny_corpus.txt")
-    args = ap.parse_args(argv)
-    if args.regenerate:
-        p = write_corpus(args.out)
-        print(f"wrote {p} ({p.stat().st_size} bytes, generate_corpus(n_sentences={DEFAULT_N_SENTENCES}, seed=0))")
-        return
-    for name in TASKS:
-        b = make_task(name, 1, 24, seed=0)
-        scored = b.targets[0][b.mask[0]]
-        answer = f"label {scored.item()}" if name in NUM_CLASSES else to_text(name, scored)
-        print(f"{name:9s} vocab={task_vocab_size(name):3d}  {to_text(name, b.inputs[0])}   -> scored: {answer}")
-    text = load_corpus()
-    print(f"corpus: {len(text)} characters, {CharTokenizer(text).vocab_size} distinct; first line:")
-    print(text.splitlines()[0])
-
-
-if __name__ == "__main__":
-    _main()

@@ -60,33 +60,26 @@ the tests and the "production" cell of the notebook):
 * :func:`collect_gradients` — the activation and weight gradients of one backward pass (for the histograms);
   :func:`training_bytes` — weights / gradients / activations / optimizer state of a training setup, in bytes.
 
-**float16 on a CPU.** torch runs float16 matmuls on the CPU, but on CPUs without float16 matrix instructions they
-are slow (measured on the course machine: a (2048×64)·(64×256) product over 10× slower in float16 than in
-float32, while bfloat16 is faster than float32). :func:`emulated_fp16_matmul` therefore *emulates* float16 matrix
-products: float16 inputs are widened to float32 (exact), multiplied and summed in float32, and the result is
-rounded to float16 — the same contract as a GPU tensor core (float16 in, float32 accumulate, float16 out). Every
-tensor stays float16; only the matmul kernels run in float32. :class:`MixedPrecisionModel` switches it on by
-itself for float16 on a CPU.
+**float16 on a CPU** is emulated (float16 in, float32 accumulate, float16 out) by
+:func:`emulated_fp16_matmul`, in :mod:`effedu.general.fp16_emulation`; :class:`MixedPrecisionModel` switches it
+on by itself for float16 on a CPU.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import numbers
-import threading
 
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..train import lm_loss
+from .fp16_emulation import emulated_fp16_matmul
 
 __all__ = [
     "DTYPES", "LOW_PRECISION", "resolve_dtype", "format_info", "underflow_report", "lost_update_fraction",
     "emulated_fp16_matmul", "MasterWeights", "MixedPrecisionModel", "cast_model", "LossScaler",
     "DynamicLossScaler", "all_finite", "mixed_precision_step", "collect_gradients", "training_bytes",
-    "bench_precision", "BENCHMARKS",
 ]
 
 # --------------------------------------------------------------------------------------------------------------
@@ -204,53 +197,6 @@ def lost_update_fraction(weights, updates, dtype):
     # w₁₆ + u₁₆, rounded to the format: equal to w₁₆ ⇔ the update was lost
     lost = ((w + updates.to(dtype)) == w) & nonzero
     return float(lost.sum()) / float(nonzero.sum())
-
-
-def _f32(x):
-    """Round a Python float to the nearest float32 (inf if it is too large), as a float32 scale tensor stores it."""
-    return float(torch.tensor(x, dtype=torch.float64).to(torch.float32))
-
-
-# --------------------------------------------------------------------------------------------------------------
-# float16 matrix products on a CPU: emulated (float16 in, float32 accumulate, float16 out)
-# --------------------------------------------------------------------------------------------------------------
-
-_aten = torch.ops.aten
-_MATMULS = {_aten.mm.default, _aten.bmm.default, _aten.addmm.default, _aten.baddbmm.default, _aten.mv.default,
-            _aten.addmv.default, _aten.dot.default}
-_emulation = threading.local()
-
-
-class _Float16MatmulInFloat32(TorchDispatchMode):
-    """Below autograd, each float16 matmul (forward *and* backward) is widened to float32 and rounded back."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _MATMULS and any(isinstance(a, torch.Tensor) and a.dtype == torch.float16 for a in args):
-            # C₁₆ = round₁₆(A₃₂ · B₃₂), A₃₂ = A₁₆ exactly: a tensor core's contract
-            wide = [a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.float16 else a for a in args]
-            return func(*wide, **kwargs).to(torch.float16)
-        return func(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def emulated_fp16_matmul(enabled=True):
-    """Inside this block, float16 matrix products run as float32 kernels with the result rounded to float16.
-
-    Numerically the same as a float16 matmul that accumulates in float32 (up to summation order); much faster on
-    CPUs without float16 matrix instructions. Other ops are untouched. Re-entrant; ``enabled=False`` does nothing.
-    """
-    if not isinstance(enabled, bool):
-        raise TypeError(f"emulated_fp16_matmul: enabled must be a bool, got {type(enabled).__name__}")
-    if not enabled or getattr(_emulation, "depth", 0) > 0:
-        yield
-        return
-    _emulation.depth = 1
-    try:
-        with _Float16MatmulInFloat32():
-            yield
-    finally:
-        _emulation.depth = 0
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -490,6 +436,11 @@ def _check_found_inf(found_inf, where):
         raise TypeError(f"{where}: found_inf must be a bool (what unscale_ returned), got "
                         f"{type(found_inf).__name__} ({found_inf!r})")
     return found_inf
+
+
+def _f32(x):
+    """Round a Python float to the nearest float32 (inf if it is too large), as a float32 scale tensor stores it."""
+    return float(torch.tensor(x, dtype=torch.float64).to(torch.float32))
 
 
 class LossScaler:
@@ -760,53 +711,4 @@ def training_bytes(model, optimizer, inputs):
     }
 
 
-# --------------------------------------------------------------------------------------------------------------
-# benchmark: python -m effedu.bench precision
-# --------------------------------------------------------------------------------------------------------------
-
-
-def bench_precision(args):
-    """Mixed precision: saved activation bytes, training bytes and step time of float32 / bfloat16 / float16."""
-    import functools
-
-    from ..measure import time_it
-    from ..model import Transformer, TransformerConfig
-
-    torch.set_num_threads(args.threads)
-    if args.quick:
-        L, d, T, B = 2, 64, 64, 4
-    else:
-        L, d, T, B = 12, 256, 512, 8
-    torch.manual_seed(0)
-    cfg = TransformerConfig(vocab_size=64, d_model=d, n_heads=4, n_layers=L, d_ff=4 * d, max_len=T)
-    base = Transformer(cfg)
-    gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, 64, (B, T), generator=gen)
-    targets = torch.randint(0, 64, (B, T), generator=gen)
-    variants = {
-        "float32": (copy.deepcopy(base), None),
-        "bfloat16 + fp32 masters": (MixedPrecisionModel(copy.deepcopy(base), torch.bfloat16), None),
-        "float16 + fp32 masters + dyn. scaling": (MixedPrecisionModel(copy.deepcopy(base), torch.float16),
-                                                  DynamicLossScaler()),
-        "bfloat16 only (no masters)": (cast_model(base, torch.bfloat16), None),
-    }
-    rows = []
-    for name, (model, scaler) in variants.items():
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        step = functools.partial(mixed_precision_step, model, tokens, targets, opt, scaler=scaler)
-        t = time_it(step, warmup=1, repeat=3 if not args.quick else 5)
-        rows.append((name, training_bytes(model, opt, tokens), t))
-    ref = rows[0]
-    header = (f"{'variant':40s} | {'activations MiB':>15} | {'vs fp32':>7} | {'weights MiB':>11} | "
-              f"{'grads MiB':>9} | {'Adam MiB':>8} | {'step ms':>8} | {'time ×':>6}")
-    lines = [f"mixed precision: Transformer L={L}, d={d}, T={T}, B={B}, AdamW, {args.threads} threads "
-             f"(float16 matmuls emulated on the CPU: float32 kernels, float16 results)", header, "-" * len(header)]
-    for name, b, t in rows:
-        lines.append(f"{name:40s} | {b['activations'] / 2**20:15.1f} | {b['activations'] / ref[1]['activations']:6.1%}"
-                     f" | {b['weights'] / 2**20:11.1f} | {b['gradients'] / 2**20:9.1f} | "
-                     f"{b['optimizer state'] / 2**20:8.1f} | {t * 1e3:8.1f} | {t / ref[2]:5.2f}×")
-    lines.append("bf16/fp16 step times on a CPU depend on its 16-bit instructions; the memory columns do not.")
-    return "\n".join(lines)
-
-
-BENCHMARKS = {"precision": bench_precision}
+# benchmark: `python -m effedu.bench precision` (effedu/bench/precision.py)

@@ -1,0 +1,4 @@
+"""``python -m effedu.data [--regenerate]`` (see :mod:`effedu.data.cli`)."""
+from .cli import main
+
+main()
