@@ -25,6 +25,7 @@ Everything here is written from tensor ops (LayerNorm is torch's own); ``nn.Mult
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import warnings
 from dataclasses import dataclass, field, fields
@@ -216,6 +217,12 @@ class MultiHeadAttention(nn.Module):
             config = TransformerConfig(d_model=d_model, n_heads=n_heads, causal=causal, attention=attention,
                                        attention_kwargs=self.attention_kwargs)
         self.attn_fn = build_attention(config)  # a registered Module becomes a submodule (its parameters train)
+        # keys longer than queries (a memory): an attention with a causal_align= keyword aligns the diagonal itself
+        try:
+            params = inspect.signature(self.attn_fn.forward if isinstance(self.attn_fn, nn.Module) else self.attn_fn)
+            self.takes_causal_align = "causal_align" in params.parameters
+        except (TypeError, ValueError):  # a callable without a readable signature: build the mask instead
+            self.takes_causal_align = False
         self.register_buffer("head_gate", torch.ones(n_heads), persistent=False)
         self._mark_gate_untouched()
 
@@ -258,9 +265,13 @@ class MultiHeadAttention(nn.Module):
             k, v = F.linear(context, w_kv, b_kv).split(self.d_model, dim=-1)
             T, S = x.shape[1], context.shape[1]
             if causal and S > T:
-                # keys longer than queries: the causal mask is built here, aligned to the end, and ANDed with mask
-                end = end_aligned_causal_mask(T, S, x.device)
-                mask, causal = (end if mask is None else mask & end), False
+                if mask is None and self.takes_causal_align:
+                    # an attention that aligns the causal diagonal itself (the tiled kernel): no S×T mask
+                    kwargs["causal_align"] = "bottom_right"
+                else:
+                    # keys longer than queries: the causal mask is built here, aligned to the end, ANDed with mask
+                    end = end_aligned_causal_mask(T, S, x.device)
+                    mask, causal = (end if mask is None else mask & end), False
         q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
         if mask is not None:
             kwargs["mask"] = mask

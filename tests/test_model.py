@@ -380,3 +380,16 @@ def test_a_model_with_recorded_aux_losses_can_be_copied():
     twin = copy.deepcopy(model)
     assert twin.aux_channel.values == [] and twin.blocks[0].ffn.aux_channel is twin.aux_channel
     assert len(model.aux_channel.values) == 2
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_memory_through_the_tiled_kernel_equals_the_dense_path(backend):
+    # the tiled attention aligns the causal diagonal itself (causal_align="bottom_right"): no S×T mask is built
+    torch.manual_seed(0)
+    dense = Block(small(norm="pre")).eval()
+    tiled = Block(small(norm="pre", attention="tiled", attention_kwargs={"backend": backend})).eval()
+    tiled.load_state_dict(dense.state_dict())
+    assert tiled.attn.takes_causal_align and not dense.attn.takes_causal_align
+    mem, x = torch.randn(2, 5, 32), torch.randn(2, 3, 32)
+    torch.testing.assert_close(tiled(x, memory=mem), dense(x, memory=mem), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tiled(x, memory=mem), dense(torch.cat([mem, x], dim=1))[:, 5:], rtol=1e-5, atol=1e-5)

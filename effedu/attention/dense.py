@@ -40,12 +40,14 @@ def softmax_attention(q, k, v, *, mask=None, causal=False, scale=None, return_we
 
 
 @register("tiled")
-def tiled_attention(q, k, v, *, mask=None, causal=False, scale=None, return_weights=False, backend="auto"):
+def tiled_attention(q, k, v, *, mask=None, causal=False, scale=None, return_weights=False, backend="auto",
+                    causal_align="top_left"):
     """The same attention through ``effedu.kernels.attention`` (online softmax, no T×S matrix).
 
     The kernel takes no arbitrary mask and never forms the weights, so ``mask`` and ``return_weights`` are
-    refused with a clear error rather than ignored. Differentiable on every backend (chapter 19's backward by
-    recomputation); ``backend="auto"`` picks numba on the CPU.
+    refused with a clear error rather than ignored. ``causal_align="bottom_right"``: with more keys than queries,
+    query i sees keys j ≤ i + S − T (a memory in front of the segment). Differentiable on every backend (chapter
+    19's backward by recomputation); ``backend="auto"`` picks numba on the CPU.
     """
     from .. import kernels
 
@@ -53,7 +55,7 @@ def tiled_attention(q, k, v, *, mask=None, causal=False, scale=None, return_weig
         raise ValueError("tiled_attention: mask is not supported by the tiled kernel (only causal=); use 'dense'")
     if return_weights:
         raise ValueError("tiled_attention: return_weights=True is impossible without the T×S matrix; use 'dense'")
-    return kernels.attention(q, k, v, causal=causal, scale=scale, backend=backend)
+    return kernels.attention(q, k, v, causal=causal, scale=scale, backend=backend, causal_align=causal_align)
 
 
 __all__ = ["softmax_attention", "masked_softmax", "tiled_attention", "allowed_mask"]
