@@ -45,7 +45,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from .._checks import check_positive_int, check_scale
+from .._checks import check_choice, check_positive_int, check_scale
 from ..attention import get as get_attention
 from ..attention import is_module_factory
 # the attention techniques this chapter shares: they live in the attention layer, re-exported here
@@ -81,7 +81,7 @@ def share_layers(model, share="all", *, groups=1):
     """
     where = "share_layers"
     blocks = _check_blocks(model, where)
-    _check_choice(share, "share", SHARE_MODES, where)
+    check_choice(share, SHARE_MODES, "share", where)
     L = len(blocks)
     _check_groups(groups, share, L, where)
     if share == "none":
@@ -331,7 +331,7 @@ class SharedTransformer(Transformer):
         where = "SharedTransformer"
         if not isinstance(config, TransformerConfig):
             raise TypeError(f"{where}: config must be a TransformerConfig, got {type(config).__name__}")
-        _check_choice(share, "share", SHARE_MODES, where)
+        check_choice(share, SHARE_MODES, "share", where)
         _check_groups(groups, share, config.n_layers, where)
         _check_optional_positive_int(embedding_dim, "embedding_dim", where)
         for name, value in (("tie_head", tie_head), ("shared_qk", shared_qk)):
@@ -379,7 +379,7 @@ def block_parameter_count(d_model, d_ff, *, part="all", shared_qk=False):
     """
     where = "block_parameter_count"
     d, f = check_positive_int(d_model, "d_model", where), check_positive_int(d_ff, "d_ff", where)
-    _check_choice(part, "part", ("all", "attention", "ffn", "norms"), where)
+    check_choice(part, ("all", "attention", "ffn", "norms"), "part", where)
     n_proj = 3 if shared_qk else 4
     parts = {
         # (n_proj) d×d matrices + (n_proj) biases of d
@@ -409,7 +409,7 @@ def albert_parameter_breakdown(config, share="all", embedding_dim=None, *, group
     where = "albert_parameter_breakdown"
     if not isinstance(config, TransformerConfig):
         raise TypeError(f"{where}: config must be a TransformerConfig, got {type(config).__name__}")
-    _check_choice(share, "share", SHARE_MODES, where)
+    check_choice(share, SHARE_MODES, "share", where)
     L = config.n_layers
     _check_groups(groups, share, L, where)
     E = _check_optional_positive_int(embedding_dim, "embedding_dim", where)
@@ -456,7 +456,7 @@ def linformer_projection_count(n_layers, n_heads, mode):
     """
     where = "linformer_projection_count"
     L, H = check_positive_int(n_layers, "n_layers", where), check_positive_int(n_heads, "n_heads", where)
-    _check_choice(mode, "mode", PROJECTION_MODES, where)
+    check_choice(mode, PROJECTION_MODES, "mode", where)
     return {"none": 2 * L * H, "headwise": 2 * L, "key-value": L, "layerwise": 1}[mode]
 
 
@@ -527,14 +527,6 @@ def layer_similarity(states):
 # --------------------------------------------------------------------------------------------------------------
 # plumbing: the input checks the functions above call
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _check_choice(value, name, choices, where):
-    if not isinstance(value, str):
-        raise TypeError(f"{where}: {name} must be a str, one of {', '.join(map(repr, choices))}; got {value!r}")
-    if value not in choices:
-        raise ValueError(f"{where}: unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}")
-    return value
 
 
 def _check_optional_positive_int(value, name, where):
