@@ -197,6 +197,11 @@ class MultiHeadAttention(nn.Module):
     One fused input projection ``qkv`` of shape (3·d, d) — the same layout as ``nn.MultiheadAttention``'s
     ``in_proj_weight`` — then the per-head attention, then the output projection ``proj``.
 
+    ``head_dim`` (default ``d_model // n_heads``) sets each head's width Dh; the inner width is then ``H·Dh``:
+    ``qkv`` is (3·H·Dh, d) (rows: all queries, then all keys, then all values; head h's rows h·Dh … (h+1)·Dh − 1 of
+    each) and ``proj`` is (d, H·Dh). A layer whose heads were pruned (``effedu.general.prune.prune_heads``) keeps
+    its head size with fewer heads: H·Dh < d.
+
     ``head_gate`` (a buffer of H ones, not saved in the ``state_dict``) multiplies each head's output before
     ``proj``: head pruning sets entries to 0 (Michel et al. 2019) in place, ``attn.head_gate[h] = 0``, or assigns a
     new tensor. Until then it is skipped (no extra multiply, no extra saved tensor). Write through the tensor, not
@@ -204,17 +209,24 @@ class MultiHeadAttention(nn.Module):
     """
 
     def __init__(self, d_model, n_heads, attention="dense", *, causal=False, attention_kwargs=None, bias=True,
-                 config=None):
+                 config=None, head_dim=None):
         super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"MultiHeadAttention: d_model={d_model} must be divisible by n_heads={n_heads}")
-        self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
+        if head_dim is None:
+            if d_model % n_heads:
+                raise ValueError(f"MultiHeadAttention: d_model={d_model} must be divisible by n_heads={n_heads} "
+                                 f"(or give head_dim)")
+            head_dim = d_model // n_heads
+        else:
+            check_positive_int(head_dim, "head_dim", "MultiHeadAttention")
+        self.d_model, self.n_heads, self.head_dim = d_model, n_heads, head_dim
         self.causal = causal
         self.attention_kwargs = dict(attention_kwargs or {})
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
-        self.proj = nn.Linear(d_model, d_model, bias=bias)
+        inner = n_heads * head_dim
+        self.qkv = nn.Linear(d_model, 3 * inner, bias=bias)
+        self.proj = nn.Linear(inner, d_model, bias=bias)
         if config is None:
-            config = TransformerConfig(d_model=d_model, n_heads=n_heads, causal=causal, attention=attention,
+            # (with head_dim given, the attention sees heads of head_dim: its config's width is H·Dh)
+            config = TransformerConfig(d_model=n_heads * head_dim, n_heads=n_heads, causal=causal, attention=attention,
                                        attention_kwargs=self.attention_kwargs)
         self.attn_fn = build_attention(config)  # a registered Module becomes a submodule (its parameters train)
         # keys longer than queries (a memory): an attention with a causal_align= keyword aligns the diagonal itself
@@ -241,9 +253,55 @@ class MultiHeadAttention(nn.Module):
             self._mark_gate_untouched()
         return out
 
+    @property
+    def inner_dim(self):
+        """H·Dh, the width of the queries, keys and values (d_model unless heads were pruned or head_dim given)."""
+        return self.n_heads * self.head_dim
+
+    def remove_heads(self, heads):
+        """Physically remove heads (0-based indices): ``qkv`` loses each head's Dh rows of the queries, keys and
+        values, ``proj`` its Dh input columns, ``n_heads`` and ``head_gate`` shrink, Dh stays. The output equals
+        this layer's with those heads' gates at 0 (``effedu.general.prune.prune_heads`` checks the indices and is
+        the entry point). The new ``qkv``/``proj`` are new parameters: build the optimiser afterwards."""
+        drop = set(heads)
+        if not drop:
+            return self
+        H, Dh = self.n_heads, self.head_dim
+        if not drop <= set(range(H)):
+            raise ValueError(f"MultiHeadAttention.remove_heads: heads must be in 0 … {H - 1}, got {sorted(drop)}")
+        if len(drop) == H:
+            raise ValueError("MultiHeadAttention.remove_heads: cannot remove every head (drop the layer instead)")
+        keep = [h for h in range(H) if h not in drop]
+        device = self.qkv.weight.device
+        cols = torch.cat([torch.arange(h * Dh, (h + 1) * Dh) for h in keep]).to(device)  # inside q (or k, or v)
+        rows = torch.cat([part * H * Dh + cols for part in range(3)])  # the kept rows of [q; k; v]
+        untouched = self.gate_is_untouched()
+        new = {}
+        with torch.no_grad():
+            for name, old, index in (("qkv", self.qkv, rows), ("proj", self.proj, cols)):
+                out_f, in_f = (3 * len(keep) * Dh, self.d_model) if name == "qkv" else (self.d_model, len(keep) * Dh)
+                lin = nn.Linear(in_f, out_f, bias=old.bias is not None, device=device, dtype=old.weight.dtype)
+                lin.weight.copy_(old.weight[index] if name == "qkv" else old.weight[:, index])
+                if old.bias is not None:
+                    lin.bias.copy_(old.bias[index] if name == "qkv" else old.bias)
+                lin.weight.requires_grad_(old.weight.requires_grad)
+                if old.bias is not None:
+                    lin.bias.requires_grad_(old.bias.requires_grad)
+                lin.train(old.training)
+                if "aux_channel" in old.__dict__:
+                    lin.aux_channel = old.aux_channel
+                new[name] = lin
+            gate = self.head_gate.detach()[torch.tensor(keep, device=self.head_gate.device)].clone()
+        self.qkv, self.proj = new["qkv"], new["proj"]
+        self.n_heads = len(keep)
+        self.head_gate = gate
+        if untouched:
+            self._mark_gate_untouched()
+        return self
+
     def _split_heads(self, x):
         B, T, _ = x.shape
-        # (B, T, d) → (B, H, T, d/H)
+        # (B, T, H·Dh) → (B, H, T, Dh)
         return x.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
 
     def forward(self, x, *, context=None, mask=None, return_weights=False):
@@ -256,13 +314,14 @@ class MultiHeadAttention(nn.Module):
         causal = self.causal
         kwargs = dict(self.attention_kwargs)
         if context is None:
-            # [q; k; v] = x W_qkvᵀ + b                                            (B, T, 3d)
-            q, k, v = self.qkv(x).split(self.d_model, dim=-1)
+            # [q; k; v] = x W_qkvᵀ + b                                            (B, T, 3·H·Dh)
+            q, k, v = self.qkv(x).split(self.inner_dim, dim=-1)
         else:
-            w_q, w_kv = self.qkv.weight.split([self.d_model, 2 * self.d_model])
-            b_q, b_kv = (None, None) if self.qkv.bias is None else self.qkv.bias.split([self.d_model, 2 * self.d_model])
+            inner = self.inner_dim
+            w_q, w_kv = self.qkv.weight.split([inner, 2 * inner])
+            b_q, b_kv = (None, None) if self.qkv.bias is None else self.qkv.bias.split([inner, 2 * inner])
             q = F.linear(x, w_q, b_q)
-            k, v = F.linear(context, w_kv, b_kv).split(self.d_model, dim=-1)
+            k, v = F.linear(context, w_kv, b_kv).split(inner, dim=-1)
             T, S = x.shape[1], context.shape[1]
             if causal and S > T:
                 if mask is None and self.takes_causal_align:
@@ -284,7 +343,7 @@ class MultiHeadAttention(nn.Module):
         if not self.gate_is_untouched():
             # out_h ← gate_h · out_h                                                 (B, H, T, d/H)
             out = out * self.head_gate.to(out.dtype).view(1, H, 1, 1)
-        # concat heads: (B, H, T, d/H) → (B, T, d), then W_o
+        # concat heads: (B, H, T, Dh) → (B, T, H·Dh), then W_o → (B, T, d)
         out = self.proj(out.transpose(1, 2).reshape(B, T, H * Dh))
         return (out, weights) if return_weights else out
 
