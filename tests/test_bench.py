@@ -17,7 +17,7 @@ from effedu import bench, measure
 from effedu.bench import Column, Table, format_table, format_tables
 from effedu.bench.sparse import sparse_bench_table
 
-CHAPTERS = {"attention", "memory", "pretrained", "checkpoint", "reversible", "sharing", "precision", "pipeline",
+CHAPTERS = {"attention", "prune", "memory", "pretrained", "checkpoint", "reversible", "sharing", "precision", "pipeline",
             "sparse", "lowrank", "kernelized"}
 
 

@@ -35,6 +35,7 @@ BENCHMARKS = {
     "pipeline": "pipeline:bench_pipeline",
     "precision": "precision:bench_precision",
     "pretrained": "pretrained:bench_pretrained",
+    "prune": "prune:bench_prune",
     "reversible": "reversible:bench_reversible",
     "sharing": "sharing:bench_sharing",
     "sparse": "sparse:bench_sparse",
