@@ -17,8 +17,8 @@ from effedu import bench, measure
 from effedu.bench import Column, Table, format_table, format_tables
 from effedu.bench.sparse import sparse_bench_table
 
-CHAPTERS = {"attention", "prune", "memory", "pretrained", "checkpoint", "reversible", "sharing", "precision", "pipeline",
-            "sparse", "lowrank", "kernelized"}
+CHAPTERS = {"attention", "memory", "pretrained", "checkpoint", "reversible", "sharing", "precision", "pipeline",
+            "sparse", "lowrank", "kernelized", "prune", "quantize"}
 
 
 @pytest.fixture(autouse=True, scope="module")

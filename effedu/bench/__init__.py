@@ -36,6 +36,7 @@ BENCHMARKS = {
     "precision": "precision:bench_precision",
     "pretrained": "pretrained:bench_pretrained",
     "prune": "prune:bench_prune",
+    "quantize": "quantize:bench_quantize",
     "reversible": "reversible:bench_reversible",
     "sharing": "sharing:bench_sharing",
     "sparse": "sparse:bench_sparse",
