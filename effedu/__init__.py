@@ -125,6 +125,7 @@ def env_report(print_report=True):
 
     from . import kernels
 
+    backends = kernels.backends()  # first: starts numba's thread pool without changing torch's thread count
     report = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -135,7 +136,7 @@ def env_report(print_report=True):
         **_cpu_facts(),
         "cpu threads (torch)": torch.get_num_threads(),
         "cpu threads (numba)": numba.get_num_threads(),
-        "backends": kernels.backends(),
+        "backends": backends,
     }
     if print_report:
         width = max(len(k) for k in report)

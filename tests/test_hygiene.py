@@ -135,6 +135,21 @@ def test_measuring_leaves_threads_environment_and_stderr_as_they_were():
     assert os.fstat(2).st_ino == fd2.st_ino and os.fstat(2).st_dev == fd2.st_dev
 
 
+def test_numba_thread_pool_leaves_torch_threads_as_set():
+    """numba's OpenMP pool sets OpenMP's thread count when it starts (libgomp is shared with torch): under
+    OMP_NUM_THREADS=1 the report and a first parallel kernel must leave torch on one thread."""
+    import subprocess
+    import sys
+
+    code = ("import torch, effedu; from effedu import kernels; effedu.env_report(print_report=False); "
+            "a = kernels.dense_to_csr(torch.randn(16, 16)); kernels.csr_matmul(a, torch.randn(16, 4), backend='numba'); "
+            "print(torch.get_num_threads())")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_NUM_THREADS"} | {"OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "1"
+
+
 @pytest.mark.parametrize("layer", LAYERS)
 def test_every_layer_exists(layer):
     assert (PKG / layer).exists() or (PKG / f"{layer}.py").exists()

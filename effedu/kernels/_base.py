@@ -38,14 +38,36 @@ def simulator_enabled():
         return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1"
 
 
+_NUMBA_POOL_STARTED = []
+
+
+def start_numba_pool():
+    """Start numba's thread pool once, leaving torch's thread count as it was.
+
+    numba's OpenMP threading layer, when its pool starts, sets OpenMP's thread count to ``NUMBA_NUM_THREADS`` (all
+    cores unless set). torch shares that libgomp, so under ``OMP_NUM_THREADS=1`` the first parallel numba call (or
+    ``numba.get_num_threads()``) would silently give torch every core. Started here, torch's count is restored.
+    """
+    if _NUMBA_POOL_STARTED:
+        return
+    import numba
+
+    n = torch.get_num_threads()
+    numba.get_num_threads()  # launches the pool
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    _NUMBA_POOL_STARTED.append(True)
+
+
 def numba_status():
-    """``"ok"``, or why the numba backend is unavailable."""
+    """``"ok"``, or why the numba backend is unavailable (starts numba's thread pool: :func:`start_numba_pool`)."""
     try:
         import numba  # noqa: F401
         import scipy.linalg.cython_blas  # noqa: F401  (numba's np.dot calls BLAS through scipy)
         import threadpoolctl  # noqa: F401
     except ImportError as e:  # pragma: no cover - depends on the install
         return f"unavailable: {e} (pip install numba scipy threadpoolctl)"
+    start_numba_pool()
     return "ok"
 
 
