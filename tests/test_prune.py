@@ -84,6 +84,45 @@ def test_global_magnitude_masks_equal_global_unstructured():
     assert per_layer[0] > per_layer[2]  # the small-weight layer loses more
 
 
+def _stable_sort_mask(w, sparsity):
+    """The definition, by a full stable sort: the round(s·n) smallest |w| removed, ties → the earlier flat index."""
+    keep = torch.ones(w.numel(), dtype=torch.bool)
+    keep[torch.argsort(w.abs().reshape(-1), stable=True)[:round(sparsity * w.numel())]] = False
+    return keep.view(w.shape)
+
+
+@pytest.mark.parametrize("kind", ["normal", "few_values", "zeros_then_noise"])
+def test_magnitude_masks_of_large_tensors_select_exactly_without_sorting(kind):
+    """Above 2²⁰ entries the threshold is found by a sampled bracket + selection (no sort): the same mask as the
+    full stable sort, ties (many: few distinct values, a block of zeros) resolved by position, exact count."""
+    g = torch.Generator().manual_seed(11)
+    n = (1 << 20) + 5
+    if kind == "normal":
+        w = torch.randn(n, generator=g, dtype=torch.float64)
+    elif kind == "few_values":
+        w = torch.randint(-6, 7, (n,), generator=g).to(torch.float32)
+    else:
+        w = torch.cat([torch.zeros(n // 2), torch.randn(n - n // 2, generator=g)])
+    w = w.view(-1, 5) if n % 5 == 0 else w
+    for s in (0.001, 0.77) if kind == "normal" else (0.5,):
+        mask = P.magnitude_mask(w, s)
+        assert int((~mask).sum()) == round(s * w.numel())
+        assert torch.equal(mask, _stable_sort_mask(w, s)), s
+    half = w.numel() // 2
+    masks = P.global_magnitude_masks({"a": w[:half], "b": w[half:] * 3}, 0.6)
+    flat = torch.cat([w[:half].abs().double(), (w[half:] * 3).abs().double()])
+    expected = _stable_sort_mask(flat, 0.6)
+    assert torch.equal(torch.cat([masks["a"], masks["b"]]), expected)
+
+
+def test_magnitude_mask_of_a_large_tensor_equals_global_unstructured():
+    lin = nn.Linear(1100, 1000, bias=False)  # 1.1 M distinct weights: the selection path, oracle torch
+    torch.nn.init.normal_(lin.weight, generator=torch.Generator().manual_seed(2))
+    w = lin.weight.detach().clone()
+    tprune.l1_unstructured(lin, "weight", amount=0.85)
+    assert torch.equal(P.magnitude_mask(w, 0.85), lin.weight_mask.bool())
+
+
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, "0.5", True, None])
 def test_bad_sparsity_is_a_value_error(bad):
     with pytest.raises(ValueError, match=r"sparsity must be a number in \[0, 1\)"):
@@ -105,6 +144,20 @@ def test_bad_weights_are_errors():
         P.global_magnitude_masks({"a": torch.randn(2), "b": 3}, 0.5)
     with pytest.raises(ValueError, match="scope must be one of"):
         P.prune_magnitude(tiny(), 0.5, scope="row")
+    with pytest.raises(ValueError, match=r"k must be an int in \[0, scores.numel\(\)=4\], got 5"):
+        P.smallest_mask(torch.randn(2, 2), 5)
+    with pytest.raises(ValueError, match="k must be an int"):
+        P.smallest_mask(torch.randn(2, 2), 1.0)
+    with pytest.raises(TypeError, match="scores must be a torch.Tensor"):
+        P.smallest_mask([1.0], 0)
+
+
+def test_smallest_mask_counts_ties_and_nan_like_a_stable_sort():
+    x = torch.tensor([3.0, float("nan"), 1.0, 1.0, -2.0, 1.0, float("nan")])
+    for k in range(x.numel() + 1):
+        keep = torch.ones(x.numel(), dtype=torch.bool)
+        keep[torch.argsort(x, stable=True)[:k]] = False
+        assert torch.equal(P.smallest_mask(x, k), keep), k
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -19,10 +19,13 @@ Here the masks are one-shot (one pruning of θ_T per sparsity, which Frankle & C
 iterative pruning), computed by :mod:`effedu.general.prune` (``global_magnitude_masks`` over
 ``prunable_weights``: the Linear weights of the blocks) and held during retraining by ``apply_masks``.
 
-The training itself is the caller's ``train_fn(model, steps_from, *, stop=None) -> accuracy``: it trains ``model``
-in place over the steps ``[steps_from, stop)`` of one fixed schedule (``stop=None``: to the end) — the same
-batches and learning rates at the same step numbers, whoever calls it — and returns the final accuracy (a float).
-:func:`schedule_train_fn` builds one for effedu's tasks on top of :func:`effedu.train.train`.
+The training itself is the caller's ``train_fn(model, steps_from, *, on_step=None) -> accuracy``: it trains
+``model`` in place over the steps ``[steps_from, T)`` of one fixed schedule of T steps — the same batches and
+learning rates at the same step numbers, whoever calls it — and returns the final accuracy (a float). If given,
+``on_step(t, model)`` is called with the weights *at step t* (after t optimiser steps) for every t in
+``[steps_from, T]``: before each step, and once after the last. The dense run is ONE uninterrupted training (its
+optimiser state never restarts); :func:`lottery_ticket` takes θ_k from it through ``on_step``.
+:func:`schedule_train_fn` builds such a ``train_fn`` for effedu's tasks on top of :func:`effedu.train.train`.
 """
 from __future__ import annotations
 
@@ -77,16 +80,18 @@ def lottery_ticket(make_model, train_fn, *, sparsities, rewind_step, scope="glob
     """Dense vs winning ticket (mask + rewound weights) vs the same mask on a fresh init, at each sparsity.
 
     ``make_model(seed) -> nn.Module`` builds a freshly initialised model, the same for the same seed.
-    ``train_fn(model, steps_from, *, stop=None) -> float`` trains ``model`` in place over the steps
-    ``[steps_from, stop)`` of one fixed schedule (``stop=None``: to its end) and returns the final accuracy.
+    ``train_fn(model, steps_from, *, on_step=None) -> float`` trains ``model`` in place over the steps
+    ``[steps_from, T)`` of one fixed schedule, calling ``on_step(t, model)`` with the weights at every step t in
+    ``[steps_from, T]`` (before each step, and once after the last), and returns the final accuracy.
 
     The order of the runs (the tests hold it to this):
 
-    1. dense: ``m = make_model(seed)``; ``train_fn(m, 0, stop=rewind_step)`` (skipped when ``rewind_step == 0``);
-       θ_k ← a copy of its weights; ``train_fn(m, rewind_step)`` → ``"dense"``. Splitting the run at k restarts
-       AdamW's moments there, exactly as every rewound ticket restarts them: dense and tickets see one schedule.
+    1. dense: ``m = make_model(seed)``; ``train_fn(m, 0, on_step=...)`` → ``"dense"``, one uninterrupted run
+       (the same as ``train_fn(make_model(seed), 0)``); ``on_step`` copies θ_k, the weights at step
+       ``rewind_step`` (ValueError if the run never reaches that step).
     2. for each sparsity s: masks of the trained dense weights (:func:`ticket_masks`, ``scope``);
-       rewound: ``make_model(seed)`` loaded with θ_k, masked, ``train_fn(ticket, rewind_step)`` → ``"rewound"``;
+       rewound: ``make_model(seed)`` loaded with θ_k, masked, ``train_fn(ticket, rewind_step)`` → ``"rewound"``
+       (a fresh optimiser from step k: the weights are rewound, as in Frankle et al. 2020, not the optimiser);
        re-initialised: ``make_model(seed + 1)`` (another init), the same mask, ``train_fn(model, 0)`` — the full
        schedule, k steps more than the ticket, a control that is if anything favoured → ``"reinit"``.
 
@@ -98,21 +103,28 @@ def lottery_ticket(make_model, train_fn, *, sparsities, rewind_step, scope="glob
     if not callable(make_model):
         raise TypeError(f"{where}: make_model must be a callable seed -> nn.Module, got {type(make_model).__name__}")
     if not callable(train_fn):
-        raise TypeError(f"{where}: train_fn must be a callable (model, steps_from, *, stop=None) -> accuracy, got "
+        raise TypeError(f"{where}: train_fn must be a callable (model, steps_from, *, on_step=None) -> accuracy, got "
                         f"{type(train_fn).__name__}")
     sparsities = _check_sparsities(sparsities, where)
     check_int(rewind_step, "rewind_step", where, minimum=0)
     check_choice(scope, SCOPES, "scope", where)
     check_seed(seed, where)
 
-    # 1. the dense run, with θ_k saved on the way
+    # 1. the dense run — one uninterrupted training — with θ_k copied on the way
     dense = make_model(seed)
     if not isinstance(dense, torch.nn.Module):
         raise TypeError(f"{where}: make_model must return an nn.Module, got {type(dense).__name__}")
-    if rewind_step > 0:
-        train_fn(dense, 0, stop=rewind_step)
-    theta_k = copy.deepcopy(dense.state_dict())
-    dense_acc = _accuracy(train_fn(dense, rewind_step), "dense", where)
+    saved = {}
+
+    def on_step(step, model):
+        if step == rewind_step:
+            saved["theta_k"] = copy.deepcopy(model.state_dict())
+
+    dense_acc = _accuracy(train_fn(dense, 0, on_step=on_step), "dense", where)
+    if "theta_k" not in saved:
+        raise ValueError(f"{where}: rewind_step={rewind_step} was never reached: train_fn must call on_step(t, model) "
+                         f"for every step t of its schedule (and rewind_step must not exceed its length)")
+    theta_k = saved["theta_k"]
 
     out = {"sparsity": sparsities, "dense": dense_acc, "rewound": [], "reinit": [], "rewind_step": rewind_step,
            "scope": scope, "seed": seed, "kept_sparsity": []}
@@ -134,11 +146,12 @@ def lottery_ticket(make_model, train_fn, *, sparsities, rewind_step, scope="glob
 
 
 def schedule_train_fn(batch_fn, val_batch, *, steps, lr=1e-2, warmup=10, weight_decay=0.01, grad_clip=1.0):
-    """A ``train_fn(model, steps_from, *, stop=None) -> accuracy`` for :func:`lottery_ticket` on effedu's tasks.
+    """A ``train_fn(model, steps_from, *, on_step=None) -> accuracy`` for :func:`lottery_ticket` on effedu's tasks.
 
     Step ``t`` always trains on ``batch_fn(t)`` with the learning rate of one schedule over ``steps`` steps —
     linear warm-up, then cosine decay to 10 % (:func:`effedu.train.train`'s) — whichever ``steps_from`` a run
-    starts at: a rewound ticket continues the dense run's schedule from step k. Returns the accuracy on
+    starts at: a rewound ticket continues the dense run's schedule from step k (with a fresh AdamW). ``on_step(t,
+    model)``, if given, sees the weights at every step t in ``[steps_from, steps]``. Returns the accuracy on
     ``val_batch`` (:func:`effedu.train.evaluate`).
     """
     where = "schedule_train_fn"
@@ -156,22 +169,26 @@ def schedule_train_fn(batch_fn, val_batch, *, steps, lr=1e-2, warmup=10, weight_
         t = (step - warmup) / max(1, steps - warmup)
         return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
-    def train_fn(model, steps_from, *, stop=None):
-        stop = steps if stop is None else stop
-        if not (isinstance(steps_from, int) and isinstance(stop, int) and 0 <= steps_from <= stop <= steps):
-            raise ValueError(f"train_fn: need 0 <= steps_from <= stop <= steps={steps}, got steps_from={steps_from!r}, "
-                             f"stop={stop!r}")
-        if stop > steps_from:
+    def train_fn(model, steps_from, *, on_step=None):
+        if isinstance(steps_from, bool) or not isinstance(steps_from, int) or not 0 <= steps_from <= steps:
+            raise ValueError(f"train_fn: need 0 <= steps_from <= steps={steps}, got steps_from={steps_from!r}")
+        if on_step is not None and not callable(on_step):
+            raise TypeError(f"train_fn: on_step must be a callable (step, model) or None, got {type(on_step).__name__}")
+        if steps_from < steps:
             step = [steps_from]
 
             def step_fn(model, inputs, targets, optimizer):
+                if on_step is not None:
+                    on_step(step[0], model)  # the weights at step t, before step t runs
                 for group in optimizer.param_groups:  # the global schedule, not train()'s own (which starts at 0)
                     group["lr"] = lr_at(step[0])
                 step[0] += 1
                 return default_step(model, inputs, targets, optimizer, grad_clip)
 
-            train(model, lambda s: batch_fn(steps_from + s), steps=stop - steps_from, lr=lr,
+            train(model, lambda s: batch_fn(steps_from + s), steps=steps - steps_from, lr=lr,
                   weight_decay=weight_decay, seed=steps_from, step_fn=step_fn, progress=False)
+        if on_step is not None:
+            on_step(steps, model)  # the weights at the end of the schedule
         return evaluate(model, val_batch)[1]
 
     return train_fn

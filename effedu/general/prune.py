@@ -97,12 +97,55 @@ def _attentions(model, where):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _smallest_mask(scores, k):
-    """Boolean mask of ``scores``' shape, False at the k smallest entries (ties: the earlier flat index first)."""
-    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        order = torch.argsort(scores.reshape(-1), stable=True)
-        keep[order[:k]] = False
+def _kth_smallest(flat, k):
+    """The k-th smallest entry (1-based) of a 1-D tensor, NaN ranking above every number, in O(n).
+
+    Large tensors: a strided sample of ~2¹⁶ entries brackets the k-th value, [lo, hi]; with c entries below lo and
+    the k-th inside the bracket (c < k ≤ c + #[lo, hi], checked), it is the (k − c)-th of the few bracketed entries —
+    two passes of comparisons and a small selection instead of selecting among all n. Otherwise (or if the bracket
+    missed) ``torch.kthvalue`` of everything.
+    """
+    n = flat.numel()
+    if n > 1 << 20:
+        sample = flat[:: n >> 16]
+        m = sample.numel()
+        q_lo, q_hi = max(1, int(m * (k / n - 0.01))), min(m, int(m * (k / n + 0.01)) + 1)
+        lo, hi = torch.kthvalue(sample, q_lo).values, torch.kthvalue(sample, q_hi).values
+        if not (torch.isnan(lo) or torch.isnan(hi)):
+            c = int(torch.count_nonzero(flat < lo))
+            mid = flat[(flat >= lo) & (flat <= hi)]
+            if c < k <= c + mid.numel():
+                return torch.kthvalue(mid, k - c).values
+    return torch.kthvalue(flat, k).values
+
+
+def smallest_mask(scores, k):
+    """Boolean mask of ``scores``' shape (True = kept), False at exactly the ``k`` smallest entries; ties at the
+    threshold go by position (the earlier flattened entry first) — the same mask as a stable sort's first k.
+
+    O(n), no sort: the k-th smallest value t is found by selection (``torch.kthvalue``; for a large tensor, on the
+    few entries that a sampled bracket leaves); every entry < t is removed, then the first ``k − #(< t)`` entries
+    equal to t. NaN ranks above every number, as in a sort. :func:`magnitude_mask` is ``smallest_mask(|w|, k)``.
+    """
+    where = "smallest_mask"
+    _check_weight(scores, where, "scores")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k <= scores.numel():
+        raise ValueError(f"{where}: k must be an int in [0, scores.numel()={scores.numel()}], got {k!r}")
+    k = int(k)
+    flat = scores.reshape(-1)
+    keep = torch.ones(flat.numel(), dtype=torch.bool, device=scores.device)
+    if k >= flat.numel():
+        keep.zero_()
+    elif k > 0:
+        t = _kth_smallest(flat, k)
+        if torch.isnan(t):
+            tied = torch.isnan(flat)
+            below = ~tied
+        else:
+            below, tied = flat < t, flat == t
+        keep &= ~below
+        n_more = k - int(torch.count_nonzero(below))  # ≥ 1: t itself is among the k smallest
+        keep[torch.nonzero(tied).reshape(-1)[:n_more]] = False
     return keep.view(scores.shape)
 
 
@@ -117,7 +160,7 @@ def magnitude_mask(weight, sparsity):
     weight = _check_weight(weight, where)
     sparsity = _check_sparsity(sparsity, where)
     k = round(sparsity * weight.numel())
-    return _smallest_mask(weight.detach().abs(), k)
+    return smallest_mask(weight.detach().abs(), k)
 
 
 def _check_weight_dict(weights, where):
@@ -132,7 +175,7 @@ def _check_weight_dict(weights, where):
 def _global_masks(scores: Dict[str, torch.Tensor], sparsity):
     names = list(scores)
     flat = torch.cat([scores[n].reshape(-1).to(torch.float64) for n in names])
-    keep = _smallest_mask(flat, round(sparsity * flat.numel()))
+    keep = smallest_mask(flat, round(sparsity * flat.numel()))
     out, start = {}, 0
     for n in names:
         size = scores[n].numel()
@@ -302,7 +345,7 @@ def _masks_for(model, sparsity, scope):
         scores[n] = s
     if scope == "global":
         return _global_masks(scores, sparsity)
-    return {n: _smallest_mask(s, round(sparsity * s.numel())) for n, s in scores.items()}
+    return {n: smallest_mask(s, round(sparsity * s.numel())) for n, s in scores.items()}
 
 
 def prune_magnitude(model, sparsity, *, scope="global"):
@@ -704,7 +747,7 @@ def drop_layers(model, keep):
     return model
 
 
-__all__ = ["magnitude_mask", "global_magnitude_masks", "prunable_weights", "apply_masks", "remove_masks",
+__all__ = ["magnitude_mask", "smallest_mask", "global_magnitude_masks", "prunable_weights", "apply_masks", "remove_masks",
            "current_masks", "prune_magnitude", "sparsity", "sparsity_schedule", "iterative_prune", "model_size",
            "head_importance", "topic_contrastive_loss", "topic_batches", "mask_heads", "prune_heads",
            "heads_to_prune", "layers_kept", "drop_layers", "SCOPES", "STRATEGIES", "SparseLinear"]
