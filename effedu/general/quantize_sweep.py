@@ -28,7 +28,7 @@ Everything is built on :mod:`effedu.general.quantize` (nothing here re-implement
   for MiniLM's objective here: the fidelity is what PTQ-style PQ gives).
 
 Sizes are bytes of the saved state: quantised weights at their width (⌈numel·b/8⌉ + scales), everything else in
-float32 — MiniLM's embeddings (11.7 M of its 22.7 M parameters) stay float, so they bound what quantising the
+float32 — MiniLM's embeddings (11.9 M of its 22.6 M parameters) stay float, so they bound what quantising the
 encoder layers can save; the rows also give the bytes of the quantised layers alone.
 """
 from __future__ import annotations
