@@ -63,14 +63,8 @@ test: $(STAMP) chromium
 	$(PY) -m pytest tests -q -p no:cacheprovider --ignore=tests/e2e --ignore=tests/exercises
 	NUMBA_ENABLE_CUDASIM=1 $(PY) -m pytest tests/cudasim -q -p no:cacheprovider
 	@$(PY) tests/personality.py --describe
-	@# nbval runs on one thread (the personality): the student copies run beside it on the other core, one thread
-	@# each too, and their log is printed after nbval's. Both must pass.
-	@ex_log=$$(mktemp); \
-	OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 $(PY) -m pytest tests/exercises -q -p no:cacheprovider >$$ex_log 2>&1 & ex_pid=$$!; \
-	env $(NBVAL_ENV) $(NBVAL); nb_rc=$$?; \
-	wait $$ex_pid; ex_rc=$$?; \
-	echo "--- tests/exercises (ran beside nbval): exit $$ex_rc ---"; cat $$ex_log; rm -f $$ex_log; \
-	[ $$nb_rc -eq 0 ] && [ $$ex_rc -eq 0 ]
+	env $(NBVAL_ENV) $(NBVAL)
+	$(PY) -m pytest tests/exercises -q -p no:cacheprovider
 	$(PY) -m pytest tests/e2e -q -p no:cacheprovider
 
 lint: $(STAMP)
