@@ -7,13 +7,12 @@ import importlib.util
 import math
 import subprocess
 import sys
-import time
 
 import numba
 import pytest
 import torch
 
-from effedu import bench, measure
+from effedu import bench
 from effedu.bench import Column, Table, format_table, format_tables
 from effedu.bench.sparse import sparse_bench_table
 
@@ -21,18 +20,7 @@ CHAPTERS = {"attention", "memory", "pretrained", "checkpoint", "reversible", "sh
             "sparse", "lowrank", "kernelized", "prune", "quantize"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_timed_call():
-    """measure.time_it → a single timed call: the tables' shape and ratios, in seconds instead of minutes."""
-    def once(fn, *args, warmup=0, repeat=1, device=None, **kwargs):
-        t0 = time.perf_counter()
-        fn(*args, **kwargs)
-        return max(time.perf_counter() - t0, 1e-9)
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(measure, "time_it", once)
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("one_timed_call")  # tests/conftest.py: time_it → one call
 
 
 def _threads():

@@ -5,27 +5,16 @@ the tables' shape, that every number is a positive finite time or ratio, the cro
 times, and the exact sparsity of the operands.
 """
 import math
-import time
 
 import pytest
 import torch
 
-from effedu import bench, measure
+from effedu import bench
 from effedu.bench import Options, format_tables
 from effedu.bench import prune as bp
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_timed_call():
-    def once(fn, *args, warmup=0, repeat=1, device=None, **kwargs):
-        t0 = time.perf_counter()
-        fn(*args, **kwargs)
-        return max(time.perf_counter() - t0, 1e-9)
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(measure, "time_it", once)
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("one_timed_call")  # tests/conftest.py: time_it → one call
 
 
 def _positive_finite(values):

@@ -5,28 +5,17 @@ exact, the ratios are the quotients of the times, the int8 MiniLM keeps its embe
 its state shrinks, and the header names the CPU features that decide whether int8 is fast.
 """
 import math
-import time
 
 import pytest
 
-from effedu import bench, measure
+from effedu import bench
 from effedu.bench import quantize as bq
 
 
 @pytest.fixture(scope="module")
-def tables():
-    def once(fn, *args, warmup=0, repeat=1, device=None, **kwargs):
-        t0 = time.perf_counter()
-        fn(*args, **kwargs)
-        return max(time.perf_counter() - t0, 1e-9)
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(measure, "time_it", once)
-    try:
-        with bench.num_threads(1):
-            yield bq.bench_quantize(bench.Options(threads=1, quick=True))
-    finally:
-        mp.undo()
+def tables(one_timed_call):  # tests/conftest.py: measure.time_it → one timed call
+    with bench.num_threads(1):
+        yield bq.bench_quantize(bench.Options(threads=1, quick=True))
 
 
 def _positive(v):
