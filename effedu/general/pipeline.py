@@ -37,12 +37,8 @@ The Gantt charts (``plot_gantt``, ``plot_gpipe``, ``plot_measured_pipeline``) li
 """
 from __future__ import annotations
 
-import os
-import sys
-import tempfile
 import time
 import traceback
-from datetime import timedelta
 
 import torch
 import torch.nn as nn
@@ -53,6 +49,7 @@ from ..measure import SavedTensorTracker, parameter_storages
 from ..model import IGNORE, Transformer
 
 from .checkpoint import checkpoint  # rematerialisation reuses chapter 02's from-scratch checkpoint
+from .processes import init_gloo, launch, write_result  # spawn, rendezvous, results: shared with expert_parallel
 
 
 def _micro_batches(batch, n_micro, weight_by, allow_uneven, where):
@@ -517,37 +514,13 @@ def simulate_pipeline(model, batch, n_micro, n_stages, *, remat=False, schedule=
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _loopback_only():
-    """Make gloo use the loopback interface (nothing leaves this machine).
-
-    Called only inside a stage process (by ``_init_worker``): the variable ends with that process and the parent's
-    environment is never touched. Likewise ``torch.set_num_threads`` there.
-    """
-    if "GLOO_SOCKET_IFNAME" not in os.environ:
-        if sys.platform.startswith("linux"):
-            os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-        elif sys.platform == "darwin":
-            os.environ["GLOO_SOCKET_IFNAME"] = "lo0"
-
-
 def _init_worker(rank, world_size, store_path, spec):
-    import torch.distributed as dist
-
-    _loopback_only()
-    torch.set_num_threads(spec["threads"])
-    store = dist.FileStore(store_path, world_size)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=spec["timeout"]))
+    """Join the process group (``processes.init_gloo``: gloo, loopback only) and rebuild the model from ``spec``."""
+    dist = init_gloo(rank, world_size, store_path, spec["timeout"], spec["threads"])
     model = Transformer(spec["config"]).to(spec["dtype"])
     model.load_state_dict(spec["state_dict"])
     model.train(spec["training"])
     return dist, model
-
-
-def _write_result(result_dir, rank, payload):
-    path = os.path.join(result_dir, f"rank{rank}.pt")
-    torch.save(payload, path + ".tmp")
-    os.replace(path + ".tmp", path)  # the parent never reads half a file
 
 
 def _pipeline_worker(rank, world_size, store_path, result_dir, spec):
@@ -579,57 +552,13 @@ def _pipeline_worker(rank, world_size, store_path, result_dir, spec):
                 "grads": {n: (None if p.grad is None else p.grad.detach().clone())
                           for n, p in model.named_parameters() if n in set(names)},
             })
-        _write_result(result_dir, rank, {"results": results})
+        write_result(result_dir, rank, {"results": results})
     except BaseException:
-        _write_result(result_dir, rank, {"error": traceback.format_exc()})
+        write_result(result_dir, rank, {"error": traceback.format_exc()})
         raise
     finally:
         if dist is not None and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _launch(worker, where, n_stages, spec, timeout):
-    """Start ``n_stages`` processes (spawn), wait for all of them, always join or terminate them; per-rank payloads."""
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory(prefix="effedu_pipe_") as tmp:
-        store_path = os.path.join(tmp, "store")  # the rendezvous: a file, no network port
-        ctx = mp.start_processes(worker, args=(n_stages, store_path, tmp, spec), nprocs=n_stages, join=False,
-                                 start_method="spawn")
-        deadline = time.monotonic() + timeout
-        failure = None
-        try:
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"{where}: the {n_stages} stage processes did not finish within timeout={timeout} s "
-                                       f"(they were terminated)")
-                try:
-                    if ctx.join(timeout=min(remaining, 1.0)):
-                        break
-                except Exception as exc:  # a stage raised or died: report its traceback
-                    failure = exc
-                    break
-        finally:
-            for p in ctx.processes:  # never leave a stage process behind
-                if p.is_alive():
-                    p.terminate()
-                p.join(5)
-                if p.is_alive():  # pragma: no cover - terminate ignored
-                    p.kill()
-                    p.join()
-        payloads = []
-        for rank in range(n_stages):
-            path = os.path.join(tmp, f"rank{rank}.pt")
-            payloads.append(torch.load(path, weights_only=True) if os.path.exists(path) else None)
-    errors = [(r, p["error"]) for r, p in enumerate(payloads) if p is not None and "error" in p]
-    if errors or failure is not None:
-        detail = "\n".join(f"--- stage {r} ---\n{tb}" for r, tb in errors) or str(failure)
-        raise RuntimeError(f"{where}: a stage process failed:\n{detail}")
-    missing = [r for r, p in enumerate(payloads) if p is None]
-    if missing:
-        raise RuntimeError(f"{where}: stage processes {missing} exited without a result")
-    return payloads
 
 
 def run_pipelines(model, batch, configs, *, n_stages=2, layers_per_stage=None, loss_fn=None,
@@ -682,7 +611,7 @@ def run_pipelines(model, batch, configs, *, n_stages=2, layers_per_stage=None, l
         "layers_per_stage": layers_per_stage, "loss_fn": loss_fn, "weight_by": weight_by,
         "allow_uneven": allow_uneven, "threads": threads, "timeout": float(timeout),
     }
-    payloads = _launch(_pipeline_worker, where, K, spec, timeout)
+    payloads = launch(_pipeline_worker, where, K, spec, timeout)
     out = []
     for i, run in enumerate(runs):
         candidates = []
@@ -779,13 +708,13 @@ def _torch_pipeline_worker(rank, world_size, store_path, result_dir, spec):
                 schedule.step()
             elapsed = time.perf_counter() - start
             dist.barrier()
-        _write_result(result_dir, rank, {"results": [{
+        write_result(result_dir, rank, {"results": [{
             "time": elapsed,
             "loss": float(sum(l.detach() for l in losses)) if losses else None,
             "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters() if n in set(names) and p.grad is not None},
         }]})
     except BaseException:
-        _write_result(result_dir, rank, {"error": traceback.format_exc()})
+        write_result(result_dir, rank, {"error": traceback.format_exc()})
         raise
     finally:
         if dist is not None and dist.is_initialized():
@@ -813,7 +742,7 @@ def run_torch_pipeline(model, batch, n_micro, *, n_stages=2, warmup=0, threads=1
         "inputs": inputs.detach().cpu(), "targets": targets.detach().cpu(), "n_micro": n_micro, "warmup": warmup,
         "threads": threads, "timeout": float(timeout),
     }
-    payloads = _launch(_torch_pipeline_worker, where, K, spec, timeout)
+    payloads = launch(_torch_pipeline_worker, where, K, spec, timeout)
     per_rank = [p["results"][0] for p in payloads]
     grads = {}
     for r in per_rank:
