@@ -383,27 +383,32 @@ class AuxLossChannel:
     sums them. Gradient checkpointing and reversible layers run a forward *again* during the backward pass: they
     do it inside :meth:`recomputing`, where records are dropped, so nothing is counted twice.
 
-    Known limit: their *first* forward runs without autograd, so a value recorded there has no gradient (adding it
-    to the loss trains nothing inside a checkpointed segment). :meth:`total` warns when it sums such a value
-    with autograd on; training an auxiliary loss through recomputation needs the gradient injected in the
-    backward pass (as Megatron's ``MoEAuxLossAutoScaler`` does), which is the mixture-of-experts chapter's job.
+    Their *first* forward runs without autograd, so a value recorded there has no gradient (adding it to the loss
+    trains nothing inside a checkpointed segment). :meth:`total` warns when it sums such a value with autograd on,
+    unless it was recorded with ``injected=True``: the module promises to inject the value's gradient in the
+    backward pass, when it is recomputed (as Megatron's ``MoEAuxLossAutoScaler`` does;
+    ``effedu.general.moe.MoEFeedForward`` does it).
     """
 
     def __init__(self):
-        self.values, self.recomputing_depth = [], 0
+        self.values, self.injected, self.recomputing_depth = [], [], 0
 
     def __getstate__(self):  # copies and pickles of the model start empty (recorded values hold autograd graphs)
-        return {"values": [], "recomputing_depth": 0}
+        return {"values": [], "injected": [], "recomputing_depth": 0}
 
-    def add(self, value):
+    def add(self, value, injected=False):
+        """Record ``value``; ``injected=True``: recorded without autograd, its gradient is injected on recompute."""
         if self.recomputing_depth == 0:
             self.values.append(value)
+            self.injected.append(bool(injected))
 
     def clear(self):
-        self.values = []
+        self.values, self.injected = [], []
 
     def total(self, device=None):
-        if torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and not v.requires_grad for v in self.values):
+        flags = self.injected + [False] * (len(self.values) - len(self.injected))
+        if torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and not v.requires_grad and not inj
+                                           for v, inj in zip(self.values, flags)):
             warnings.warn("aux_loss: some auxiliary losses were recorded without autograd (inside a checkpointed "
                           "or reversible forward): they carry no gradient", RuntimeWarning, stacklevel=3)
         return sum(self.values) if self.values else torch.zeros((), device=device)
@@ -417,13 +422,14 @@ class AuxLossChannel:
             self.recomputing_depth -= 1
 
 
-def add_aux_loss(module, value):
-    """Record ``value`` (a scalar tensor) as an auxiliary loss of the model that ``module`` belongs to."""
+def add_aux_loss(module, value, *, injected=False):
+    """Record ``value`` (a scalar tensor) as an auxiliary loss of the model that ``module`` belongs to
+    (``injected``: see :class:`AuxLossChannel`)."""
     channel = getattr(module, "aux_channel", None)
     if not isinstance(channel, AuxLossChannel):
         raise RuntimeError(f"add_aux_loss: {type(module).__name__} has no aux_channel; modules built by a "
                            f"Transformer have one (a module swapped in later: module.aux_channel = model.aux_channel)")
-    channel.add(value)
+    channel.add(value, injected=injected)
 
 
 class Block(nn.Module):

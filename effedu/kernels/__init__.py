@@ -18,6 +18,10 @@ here:
     kernels.causal_linear_attention(phi_q, phi_k, v)                    # chapter 18 (kernels/linear_attention.py)
     kernels.csr_matmul(a_csr, b)                                        # chapter 05 (kernels/sparse_matmul.py)
     kernels.int8_matmul(a, b)              # chapter 08 (kernels/int8_matmul.py): int8 × int8 → exact int32
+    kernels.moe_dispatch(x, expert_index, slot, n_experts, capacity)   # chapter 10 (kernels/moe_dispatch.py),
+    kernels.moe_combine(expert_out, expert_index, slot, gate)          # tokens → (E, C, d) expert buffers → back
+
+(``kernels.moe_dispatch`` is the function; the module is ``effedu.kernels.moe_dispatch`` for ``import``.)
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from ._base import BACKENDS, backends, cuda_usable, resolve_backend, simulator_e
 from .block_sparse import block_sparse_attention
 from .int8_matmul import cpu_int8_features, int8_matmul
 from .linear_attention import causal_linear_attention
+from .moe_dispatch import dispatch_tensor, moe_combine, moe_dispatch
 from .masking import allowed_mask, masked_softmax
 from .sparse_matmul import csr_matmul, csr_matmul_parts, dense_to_csr
 from .tiled_attention import DEFAULT_BLOCK, attention
@@ -34,4 +39,4 @@ __all__ = ["attention", "backends", "cuda_usable", "resolve_backend", "simulator
            "BACKENDS", "DEFAULT_BLOCK", "block_sparse_attention", "causal_linear_attention", "allowed_mask",
            "masked_softmax", "tiled_attention", "block_sparse", "linear_attention",
            "masking", "online_softmax", "csr_matmul", "csr_matmul_parts", "dense_to_csr", "sparse_matmul",
-           "int8_matmul", "cpu_int8_features"]
+           "int8_matmul", "cpu_int8_features", "moe_dispatch", "moe_combine", "dispatch_tensor"]
