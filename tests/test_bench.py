@@ -17,7 +17,7 @@ from effedu.bench import Column, Table, format_table, format_tables
 from effedu.bench.sparse import sparse_bench_table
 
 CHAPTERS = {"attention", "memory", "pretrained", "checkpoint", "reversible", "sharing", "precision", "pipeline",
-            "sparse", "lowrank", "kernelized", "prune", "quantize"}
+            "sparse", "lowrank", "kernelized", "prune", "quantize", "moe"}
 
 
 pytestmark = pytest.mark.usefixtures("one_timed_call")  # tests/conftest.py: time_it → one call

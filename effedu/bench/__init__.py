@@ -32,6 +32,7 @@ BENCHMARKS = {
     "kernelized": "kernelized:bench_kernelized",
     "lowrank": "lowrank:bench_lowrank",
     "memory": "memory:bench_memory",
+    "moe": "moe:bench_moe",
     "pipeline": "pipeline:bench_pipeline",
     "precision": "precision:bench_precision",
     "pretrained": "pretrained:bench_pretrained",
