@@ -18,7 +18,7 @@ from effedu import data as D
 from effedu.data import IGNORE, PAD, SEP
 
 REPO = Path(__file__).resolve().parent.parent
-ALL_TASKS = ["copy", "reverse", "sort", "recall", "listops", "brackets"]
+ALL_TASKS = ["copy", "reverse", "sort", "recall", "listops", "brackets", "mixed"]
 SEQ2SEQ = ["copy", "reverse", "sort"]
 
 

@@ -2,8 +2,8 @@
 
 Every chapter trains or measures the same small Transformer on data from here:
 
-    effedu.data.tasks       six synthetic tasks that probe attention (copy, reverse, sort, associative recall,
-                            ListOps, brackets) as ``Batch(inputs, targets)``; ``make_task(name, ...)``, ``to_text``
+    effedu.data.tasks       seven synthetic tasks (copy, reverse, sort, associative recall, ListOps, brackets,
+                            mixed easy/hard spans) as ``Batch(inputs, targets)``; ``make_task(name, ...)``, ``to_text``
     effedu.data.corpus      the tiny English-like corpus ``data/tiny_corpus.txt`` and the seeded grammar that wrote it
     effedu.data.text        a character tokenizer and language-model batches (random windows of a token stream)
     effedu.data.sentences   300 topical evaluation sentences ``data/eval_sentences.tsv`` (the pretrained chapters)
@@ -33,6 +33,9 @@ from .tasks import (
     LISTOPS_OPS,
     LISTOPS_SM,
     LISTOPS_VOCAB,
+    MIXED_COPY,
+    MIXED_DIGIT0,
+    MIXED_SUM,
     N_SPECIAL,
     NUM_CLASSES,
     PAD,
@@ -45,6 +48,7 @@ from .tasks import (
     make_brackets,
     make_copy,
     make_listops,
+    make_mixed_difficulty,
     make_reverse,
     make_sort,
     make_task,
@@ -62,7 +66,8 @@ __all__ = [
     "LISTOPS_DIGIT0", "LISTOPS_MAX", "LISTOPS_MIN", "LISTOPS_MED", "LISTOPS_SM", "LISTOPS_CLOSE", "LISTOPS_OPS",
     "LISTOPS_VOCAB", "LISTOPS_NAMES", "BRACKET_OPEN0", "BRACKET_CHARS",
     "make_copy", "make_reverse", "make_sort", "make_associative_recall", "recall_layout", "make_listops",
-    "evaluate_listops", "make_brackets", "is_balanced", "make_task", "task_vocab_size", "to_text",
+    "evaluate_listops", "make_brackets", "is_balanced", "make_mixed_difficulty", "MIXED_COPY", "MIXED_SUM",
+    "MIXED_DIGIT0", "make_task", "task_vocab_size", "to_text",
     # corpus
     "DEFAULT_CORPUS_PATH", "DEFAULT_N_SENTENCES", "generate_corpus", "write_corpus", "load_corpus",
     # text

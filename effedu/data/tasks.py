@@ -1,4 +1,5 @@
-"""Six synthetic tasks that probe attention: copy, reverse, sort, associative recall, ListOps, brackets.
+"""Seven synthetic tasks: six that probe attention (copy, reverse, sort, associative recall, ListOps, brackets) and
+one of mixed difficulty for per-token depth (chapter 14).
 
 Made in code, in seconds, with nothing downloaded. Each task isolates one thing attention has to do, so that when a
 faster or lighter variant (sparse, low-rank, kernelised, pruned, quantised ...) loses accuracy, we can say *which*
@@ -41,6 +42,11 @@ The tasks (``TASKS`` maps these names to the generators):
     type it is a *counting* task (depth never negative, zero at the end); with several types the model must
     also remember which bracket is open, i.e. emulate a *stack*. Attention can count (uniform attention
     averages ±1) but finite-precision, fixed-depth models struggle as the nesting deepens.
+
+``mixed`` (mixed difficulty, chapter 14) — spans ``COPY d d …`` and ``SUM d d …`` tagged token by token: in a
+    copy span each digit's target is itself (easy: the first layer can answer), in a sum span it is the running
+    sum modulo ``modulus`` since the marker (hard: it counts over the span). A test bed for per-token depth;
+    ``make_mixed_difficulty(..., return_difficulty=True)`` also returns which tokens are hard.
 
 For the two classification tasks the target at the last position is the *class index* (0-9 for ListOps, 0/1 for
 brackets), not a token id; it is below every task's vocabulary size, so either a classification head with
@@ -485,6 +491,80 @@ def make_brackets(
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Mixed difficulty (chapter 14, depth-adaptive Transformers): easy copy spans and hard running-sum spans
+# --------------------------------------------------------------------------------------------------------------
+
+MIXED_COPY = FIRST_SYMBOL  # marker that opens a copy span (easy tokens)
+MIXED_SUM = FIRST_SYMBOL + 1  # marker that opens a running-sum span (hard tokens)
+MIXED_DIGIT0 = FIRST_SYMBOL + 2  # digit d (0 ≤ d < modulus) has id MIXED_DIGIT0 + d
+
+
+def make_mixed_difficulty(
+    n_samples: int, seq_len: int, *, vocab_size: int | None = None, modulus: int = 10, max_span: int = 6,
+    p_hard: float = 0.5, seed: int = 0, return_difficulty: bool = False,
+):
+    """Easy and hard tokens in one sequence, a per-token tagging task (depth-adaptive models, chapter 14).
+
+    The sequence is a run of spans ``MARKER d_1 … d_k`` (1 ≤ k ≤ ``max_span`` digits in ``0 … modulus−1``,
+    the last span cut at ``seq_len``, a final lone position PAD); every digit position is scored:
+
+    * ``COPY`` span (easy): the target at ``d_i`` is ``d_i`` itself — the token the model reads at that position;
+    * ``SUM`` span (hard): the target at ``d_i`` is the running sum ``(d_1 + … + d_i) mod modulus`` — the position
+      must gather every earlier digit of its span (back to the marker), a counting task.
+
+    Targets are digit token ids (``MIXED_DIGIT0 + value``), so the LM head of a ``vocab_size`` model scores them;
+    markers and PAD are ``IGNORE``. A causal model can solve both (position i needs only positions ≤ i).
+    Each span is hard with probability ``p_hard``. ``vocab_size`` defaults to ``4 + modulus`` (PAD, SEP, the two
+    markers, the digits). ``return_difficulty=True`` returns ``(batch, hard)`` with ``hard`` a ``BoolTensor
+    (N, L)``, True at the scored positions of SUM spans (the easy ones: ``batch.mask & ~hard``).
+    """
+    where = "make_mixed_difficulty"
+    check_positive_int(modulus, "modulus", where)
+    if modulus < 2:
+        raise ValueError(f"{where}: modulus must be >= 2, got {modulus}")
+    check_positive_int(max_span, "max_span", where)
+    if isinstance(p_hard, bool) or not isinstance(p_hard, (int, float)) or not 0.0 <= p_hard <= 1.0:
+        raise ValueError(f"{where}: p_hard must be a probability in [0, 1], got {p_hard!r}")
+    if vocab_size is None:
+        vocab_size = MIXED_DIGIT0 + modulus
+    _check_task_args(
+        where, n_samples, seq_len, vocab_size, seed, min_len=2, min_vocab=MIXED_DIGIT0 + modulus,
+        why_len="a marker and one digit",
+        why_vocab=f"{N_SPECIAL} reserved ids, the COPY and SUM markers and modulus={modulus} digits",
+    )
+    rng = _Stream(seed)
+    inputs = torch.full((n_samples, seq_len), PAD, dtype=torch.long)
+    targets = torch.full((n_samples, seq_len), IGNORE, dtype=torch.long)
+    hard = torch.zeros((n_samples, seq_len), dtype=torch.bool)
+    rows_in, rows_tg, rows_hard = [], [], []
+    for _ in range(n_samples):
+        x, y, h = [], [], []
+        while seq_len - len(x) >= 2:
+            is_hard = rng.random() < p_hard
+            k = min(rng.randint(1, max_span), seq_len - len(x) - 1)
+            x.append(MIXED_SUM if is_hard else MIXED_COPY)
+            y.append(IGNORE)
+            h.append(False)
+            total = 0
+            for _ in range(k):
+                d = rng.randint(0, modulus - 1)
+                total = (total + d) % modulus
+                x.append(MIXED_DIGIT0 + d)
+                y.append(MIXED_DIGIT0 + (total if is_hard else d))
+                h.append(is_hard)
+        rows_in.append(x)
+        rows_tg.append(y)
+        rows_hard.append(h)
+    for n in range(n_samples):
+        m = len(rows_in[n])
+        inputs[n, :m] = torch.tensor(rows_in[n], dtype=torch.long)
+        targets[n, :m] = torch.tensor(rows_tg[n], dtype=torch.long)
+        hard[n, :m] = torch.tensor(rows_hard[n], dtype=torch.bool)
+    batch = Batch(inputs, targets)
+    return (batch, hard) if return_difficulty else batch
+
+
+# --------------------------------------------------------------------------------------------------------------
 # The task registry
 # --------------------------------------------------------------------------------------------------------------
 
@@ -495,10 +575,11 @@ TASKS: dict[str, Callable[..., Batch]] = {
     "recall": make_associative_recall,
     "listops": make_listops,
     "brackets": make_brackets,
+    "mixed": make_mixed_difficulty,
 }
 
 _DEFAULT_VOCAB = {"copy": 12, "reverse": 12, "sort": 12, "recall": 130, "listops": LISTOPS_VOCAB,
-                  "brackets": N_SPECIAL + 2 * 2}
+                  "brackets": N_SPECIAL + 2 * 2, "mixed": MIXED_DIGIT0 + 10}
 
 
 def task_vocab_size(name: str) -> int:
@@ -525,6 +606,8 @@ def to_text(name: str, tokens) -> str:
             words.append("|")
         elif name == "listops":
             words.append(LISTOPS_NAMES.get(t, str(t - LISTOPS_DIGIT0)))
+        elif name == "mixed":
+            words.append({MIXED_COPY: "C", MIXED_SUM: "S"}.get(t, str(t - MIXED_DIGIT0)))
         elif name == "brackets":
             kind, close = divmod(t - BRACKET_OPEN0, 2)
             words.append(BRACKET_CHARS[2 * kind + close] if kind < 4 else f"{'c' if close else 'o'}{kind}")
