@@ -91,8 +91,16 @@ def _visit(notebook, lab, times):
     first = lab.controls(0)[0]
     if first["kind"] == "slider" and first["index"] == 0:  # one keyboard step, as a learner nudges it
         slider, key = lab.move_slider(0)
-        after_slider = lab.sliders(0)[0]
-        assert after_slider["now"] != slider["now"], f"{name}: {key} did not move slider {slider['label']!r}: {slider}"
+        # the front end updates the readout and the handle's aria-valuenow (a float slider's may lag): either counts
+        deadline = time.monotonic() + 5.0
+
+        def unmoved(after):
+            return after["now"] == slider["now"] and after["readout"] == slider["readout"]
+
+        while unmoved(after_slider := lab.sliders(0)[0]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not unmoved(after_slider), (f"{name}: {key} did not move slider {slider['label']!r}: {slider} -> "
+                                           f"{after_slider}")
         moved = f"{slider['label']} {slider['readout']} -> {after_slider['readout']}"
     else:
         moved = lab.move_control(0, first, "max") or lab.move_control(0, first, "min")
