@@ -17,7 +17,9 @@ from effedu.general.precision import (
     all_finite,
     cast_model,
     collect_gradients,
+    emulated_16bit_matmul,
     emulated_fp16_matmul,
+    emulates_matmul,
     format_info,
     lost_update_fraction,
     mixed_precision_step,
@@ -530,3 +532,29 @@ def test_model_and_step_bad_input():
         mixed_precision_step(mp, x, y, torch.optim.SGD(mp.working_tensors, lr=0.1))
     with pytest.raises(ValueError, match="loss_fn must return a floating scalar"):
         mixed_precision_step(mp, x, y, opt, loss_fn=lambda o, t: o.float().sum(-1))
+
+
+def test_emulated_16bit_matmul_rounds_float32_products_to_each_dtype_and_cast_models_use_it():
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.randn(37, 64, generator=gen), torch.randn(64, 29, generator=gen)
+    for dtype in (torch.bfloat16, torch.float16):
+        a16, b16 = a.to(dtype), b.to(dtype)
+        with emulated_16bit_matmul():
+            c = a16 @ b16
+        assert c.dtype == dtype
+        assert torch.equal(c, (a16.float() @ b16.float()).to(dtype))  # one rounding of the float32 result
+    with emulated_fp16_matmul():  # the float16-only context leaves bfloat16 to torch's kernel
+        c = a.bfloat16() @ b.bfloat16()
+    assert c.dtype == torch.bfloat16
+    # gradients of a bfloat16 product under emulation: float32 products rounded to bfloat16
+    x = a.bfloat16().requires_grad_()
+    with emulated_16bit_matmul():
+        (x @ b.bfloat16()).float().sum().backward()
+    torch.testing.assert_close(x.grad.float(), (torch.ones(37, 29) @ b.bfloat16().float().t()).bfloat16().float())
+    with pytest.raises(TypeError, match="emulated_16bit_matmul: enabled must be a bool"):
+        with emulated_16bit_matmul("yes"):
+            pass
+    model = Transformer(TransformerConfig(vocab_size=16, d_model=16, n_heads=2, n_layers=1, d_ff=32, max_len=8))
+    assert emulates_matmul(MixedPrecisionModel(model, torch.bfloat16))
+    assert not emulates_matmul(MixedPrecisionModel(model, torch.bfloat16, emulate_fp16_matmul=False))
+    assert emulates_matmul(cast_model(model, torch.bfloat16)) and not emulates_matmul(model)

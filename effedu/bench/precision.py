@@ -59,6 +59,6 @@ def bench_precision(opts):
                mib("optimizer_bytes", "Adam MiB", 8), Column("step_s", "step ms", 8, ".1f", 1e3, sep=" | "),
                Column("time_vs_fp32", "time ×", 6, ".2f", suffix="×", sep=" | ")]
     title = (f"mixed precision: Transformer L={L}, d={d}, T={T}, B={B}, AdamW, {opts.threads} threads "
-             f"(float16 matmuls emulated on the CPU: float32 kernels, float16 results)")
+             f"(16-bit matmuls emulated on the CPU: float32 kernels, float16 / bfloat16 results)")
     notes = ["bf16/fp16 step times on a CPU depend on its 16-bit instructions; the memory columns do not."]
     return [Table(title, columns, rows, notes)]

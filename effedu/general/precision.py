@@ -60,9 +60,10 @@ the tests and the "production" cell of the notebook):
 * :func:`collect_gradients` — the activation and weight gradients of one backward pass (for the histograms);
   :func:`training_bytes` — weights / gradients / activations / optimizer state of a training setup, in bytes.
 
-**float16 on a CPU** is emulated (float16 in, float32 accumulate, float16 out) by
-:func:`emulated_fp16_matmul`, in :mod:`effedu.general.fp16_emulation`; :class:`MixedPrecisionModel` switches it
-on by itself for float16 on a CPU.
+**16-bit matmuls on a CPU** are emulated (float16 / bfloat16 in, float32 accumulate, 16 bits out) by
+:func:`emulated_16bit_matmul`, in :mod:`effedu.general.fp16_emulation`: :class:`MixedPrecisionModel` switches it on
+by itself on a CPU, and :func:`mixed_precision_step` for a 16-bit ``cast_model`` there too (torch's own CPU kernels
+for these dtypes are slow without 16-bit matrix units; the precision benchmark times them).
 """
 from __future__ import annotations
 
@@ -74,12 +75,12 @@ import torch
 import torch.nn as nn
 
 from ..train import lm_loss
-from .fp16_emulation import emulated_fp16_matmul
+from .fp16_emulation import emulated_16bit_matmul, emulated_fp16_matmul
 
 __all__ = [
     "DTYPES", "LOW_PRECISION", "resolve_dtype", "format_info", "underflow_report", "lost_update_fraction",
-    "emulated_fp16_matmul", "MasterWeights", "MixedPrecisionModel", "cast_model", "LossScaler",
-    "DynamicLossScaler", "all_finite", "mixed_precision_step", "collect_gradients", "training_bytes",
+    "emulated_fp16_matmul", "emulated_16bit_matmul", "emulates_matmul", "MasterWeights", "MixedPrecisionModel",
+    "cast_model", "LossScaler", "DynamicLossScaler", "all_finite", "mixed_precision_step", "collect_gradients", "training_bytes",
 ]
 
 # --------------------------------------------------------------------------------------------------------------
@@ -290,8 +291,8 @@ class MixedPrecisionModel(nn.Module):
     Every floating input is cast to ``dtype``; the output (logits) is in ``dtype`` — compute the loss in float32
     (``effedu.train.lm_loss`` does). Shared (tied) parameters stay shared in the working copy. Move the model with
     ``.to(device)`` only: the masters must stay float32 and the compute dtype is fixed at construction.
-    ``emulate_fp16_matmul`` (default: on for float16 on a CPU) runs the float16 matmuls as described in the module
-    docstring; ``dtype=float32`` is allowed too (a plain float32 copy, for uniform code in comparisons).
+    ``emulate_fp16_matmul`` (default: on for float16 and bfloat16 on a CPU) runs the 16-bit matmuls as described in
+    :mod:`effedu.general.fp16_emulation` (float32 products and sums, rounded once to 16 bits); ``dtype=float32`` is allowed too (a plain float32 copy, for uniform code in comparisons).
     """
 
     def __init__(self, model, dtype=torch.bfloat16, *, emulate_fp16_matmul=None):
@@ -346,7 +347,8 @@ class MixedPrecisionModel(nn.Module):
 
     @property
     def emulate_fp16_matmul(self):
-        if self.dtype != torch.float16:
+        """Whether the 16-bit matmuls (float16 or bfloat16) are emulated (the name predates bfloat16's)."""
+        if self.dtype not in (torch.float16, torch.bfloat16):
             return False
         if self._emulate is not None:
             return self._emulate
@@ -364,7 +366,7 @@ class MixedPrecisionModel(nn.Module):
         cast = lambda x: x.to(self.dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x  # noqa: E731
         args = tuple(cast(a) for a in args)
         kwargs = {k: cast(v) for k, v in kwargs.items()}
-        with emulated_fp16_matmul(self.emulate_fp16_matmul):
+        with emulated_16bit_matmul(self.emulate_fp16_matmul):
             return self.working(*args, **kwargs)
 
     def zero_grad(self, set_to_none=True):
@@ -390,6 +392,15 @@ class MixedPrecisionModel(nn.Module):
 
     def extra_repr(self):
         return f"dtype={_dtype_name(self.dtype)}, emulate_fp16_matmul={self.emulate_fp16_matmul}"
+
+
+def emulates_matmul(model):
+    """Whether a step of ``model`` runs its 16-bit matmuls emulated: a :class:`MixedPrecisionModel` says so itself
+    (``emulate_fp16_matmul``); any other model when its floating parameters are 16-bit on a CPU (``cast_model``)."""
+    if isinstance(model, MixedPrecisionModel):
+        return model.emulate_fp16_matmul
+    p = next((t for t in model.parameters() if t.is_floating_point()), None)
+    return p is not None and p.device.type == "cpu" and p.dtype in (torch.float16, torch.bfloat16)
 
 
 def cast_model(model, dtype):
@@ -614,7 +625,7 @@ def mixed_precision_step(model, inputs, targets, optimizer, *, scaler=None, loss
                              f"masters: torch.optim.X(mp.parameters())), not other tensors such as the working copy")
     optimizer.zero_grad(set_to_none=True)
     model.zero_grad(set_to_none=True)
-    with emulated_fp16_matmul(mixed and model.emulate_fp16_matmul):  # the backward's matmuls too
+    with emulated_16bit_matmul(emulates_matmul(model)):  # the backward's matmuls too
         out = model(inputs)
         loss = loss_fn(out, targets)  # float32: lm_loss upcasts the logits before the softmax
         if not loss.is_floating_point() or loss.dim() != 0:
@@ -664,7 +675,7 @@ def collect_gradients(model, inputs, targets, *, loss_fn=lm_loss, scale=1.0):
                for m in hooked]
     model.zero_grad(set_to_none=True)
     try:
-        with warnings.catch_warnings(), emulated_fp16_matmul(mixed and model.emulate_fp16_matmul):
+        with warnings.catch_warnings(), emulated_16bit_matmul(emulates_matmul(model)):
             # the hooks of modules whose inputs need no gradient (token embeddings) warn: expected here
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             (loss_fn(model(inputs), targets) * scale).backward()
