@@ -380,6 +380,81 @@ def layer_flops(n, d_model, d_ff=None, *, causal=False):
     return parts
 
 
+def _matmul_weights(module, exclude=()):
+    """Weights used in matrix multiplies: parameters with ≥ 2 dims, except embedding tables (lookups), each storage
+    once within ``module``; ids in ``exclude`` are left out."""
+    tables = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
+    seen, total = set(exclude), 0
+    for p in module.parameters():
+        if p.dim() >= 2 and id(p) not in tables and id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def _matmul_weights_per_use(model):
+    """Like :func:`_matmul_weights`, but a block that appears at several depths (chapter 04's layer sharing: the same
+    Block object in several places of ``model.blocks``) is counted at each: sharing saves parameters, not compute."""
+    blocks = list(getattr(model, "blocks", None) or [])
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    return sum(_matmul_weights(b) for b in blocks) + _matmul_weights(model, exclude=in_blocks)
+
+
+def forward_flops(model, seq_len, *, causal=None):
+    """FLOPs of one forward pass of one sequence of ``seq_len`` tokens through a Transformer.
+
+    = 2 × (weights of every matrix multiply) × seq_len  +  Σ over layers of ``attention_flops(seq_len, d_model)``.
+    A multiply-add is 2 FLOPs; embedding tables are lookups (0 FLOPs); biases, LayerNorm and softmax are left out
+    (a few % at these sizes). A block shared by several layers (chapter 04) is counted at every depth it runs at.
+    A mixture-of-experts FFN runs k of its experts per token, not all: count it with ``moe_ffn_flops`` (chapter 10).
+    ``model`` must have ``.config`` (a ``TransformerConfig``: d_model, n_layers, causal) — the effedu Transformer.
+    ``causal`` (default ``model.config.causal``): the attention core counts the n·(n+1)/2 kept pairs as n²/2.
+    """
+    where = "forward_flops"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{where}: model must be an nn.Module, got {type(model).__name__}")
+    config = getattr(model, "config", None)
+    if config is None or not all(hasattr(config, a) for a in ("d_model", "n_layers", "causal")):
+        raise TypeError(f"{where}: model must have a .config with d_model, n_layers and causal (an effedu "
+                        f"Transformer), got {type(model).__name__}")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"{where}: seq_len must be a positive int, got {seq_len!r}")
+    causal = config.causal if causal is None else bool(causal)
+    return (2 * _matmul_weights_per_use(model) * seq_len
+            + config.n_layers * attention_flops(seq_len, config.d_model, causal=causal))
+
+
+def transformer_training_flops(n_params, tokens, *, n_layers, seq_len, d_model, causal=True, backward=True):
+    """Closed form of the training compute: ≈ 6·N·D plus the attention term (Kaplan et al. 2020, Table 1).
+
+    Per token, the forward costs 2·N (N = weights of the matrix multiplies, embeddings excluded) plus
+    ``n_layers · attention_flops(seq_len, d_model) / seq_len``; the backward costs twice the forward (a gradient for
+    the inputs and one for the weights), so training = 3 × forward (``backward=False``: the forward alone, e.g. a
+    generator's sampling or a frozen teacher). ``tokens``: how many tokens are processed (batch × seq_len × steps).
+    """
+    where = "transformer_training_flops"
+    for name, v in (("n_params", n_params), ("tokens", tokens), ("n_layers", n_layers), ("seq_len", seq_len),
+                    ("d_model", d_model)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name in ("n_params", "tokens") else 1):
+            raise ValueError(f"{where}: {name} must be a {'non-negative' if name in ('n_params', 'tokens') else 'positive'}"
+                             f" int, got {v!r}")
+    per_sequence = 2 * n_params * seq_len + n_layers * attention_flops(seq_len, d_model, causal=causal)
+    passes = 3 if backward else 1
+    return passes * per_sequence * tokens // seq_len
+
+
+def training_flops(model, tokens, *, seq_len, causal=None, backward=True):
+    """Training FLOPs of ``model`` over ``tokens`` tokens in sequences of ``seq_len``: 3 × :func:`forward_flops` per
+    sequence (forward + backward = 2 × forward), × tokens / seq_len. ``backward=False``: forward only.
+
+    ≈ 6·N·D + the attention term (Kaplan et al. 2020). Compare methods at equal compute with it; a method with
+    several networks (ELECTRA: generator + discriminator) sums its parts."""
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+        raise ValueError(f"training_flops: tokens must be a non-negative int, got {tokens!r}")
+    passes = 3 if backward else 1
+    return passes * forward_flops(model, seq_len, causal=causal) * tokens // seq_len
+
+
 def gradient_norms(model, *, per="block"):
     """‖grad‖₂ per Transformer block (``per="block"``; layer 0 = closest to the input) or per parameter."""
     if per == "block":
@@ -474,5 +549,5 @@ def layer_weight_grad_norms(model, batch, loss_fn=None, *, weights="ffn.fc2.weig
 __all__ = [
     "SavedTensorTracker", "parameter_storages", "saved_activation_bytes", "memory_timeline", "peak_memory", "time_it", "count_parameters", "parameter_bytes",
     "tensor_bytes", "attention_flops", "attention_projection_flops", "ffn_flops", "layer_flops", "gradient_norms",
-    "layer_weight_grad_norms",
+    "layer_weight_grad_norms", "forward_flops", "training_flops", "transformer_training_flops",
 ]

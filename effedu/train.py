@@ -55,12 +55,33 @@ def default_step(model, inputs, targets, optimizer, grad_clip=None):
 
 
 def train(model, batches, *, steps=100, lr=3e-3, weight_decay=0.01, warmup=0, grad_clip=1.0, seed=0,
-          val_batch=None, eval_every=None, step_fn=None, progress=True, device=None, desc="training"):
-    """Train ``model`` for ``steps`` steps; returns a history dict of lists (loss, lr, time, val_loss, val_acc)."""
+          val_batch=None, eval_every=None, step_fn=None, progress=True, device=None, desc="training",
+          on_divergence="raise", divergence_threshold=None):
+    """Train ``model`` for ``steps`` steps; returns a history dict of lists (loss, lr, time, val_loss, val_acc).
+
+    ``grad_clip``: the maximum gradient norm (None or 0: no clipping, as chapter 12's warm-up demonstration needs).
+    ``warmup``: steps of linear warm-up before the cosine decay.
+    ``on_divergence``: what a diverged step does — a non-finite loss, or a loss above ``divergence_threshold`` when
+    one is given. ``"raise"`` (default) raises ``FloatingPointError``; ``"record"`` stops training there and returns
+    the history with the bad loss appended and ``history["diverged_at"]`` set to that step. The key is always
+    present: None when every step stayed finite (and under the threshold).
+    """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
         raise ValueError(f"train: steps must be a positive int, got {steps!r}")
     if not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"train: lr must be a positive number, got {lr!r}")
+    if on_divergence not in ("raise", "record"):
+        raise ValueError(f"train: on_divergence must be 'raise' or 'record', got {on_divergence!r}")
+    if divergence_threshold is not None and (isinstance(divergence_threshold, bool)
+                                             or not isinstance(divergence_threshold, (int, float))
+                                             or not math.isfinite(divergence_threshold)):
+        raise ValueError(f"train: divergence_threshold must be a finite number or None, got {divergence_threshold!r}")
+    warmup = 0 if warmup is None else warmup
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"train: warmup must be an int >= 0 (steps) or None, got {warmup!r}")
+    if grad_clip is not None and (isinstance(grad_clip, bool) or not isinstance(grad_clip, (int, float))
+                                  or grad_clip < 0):
+        raise ValueError(f"train: grad_clip must be a number >= 0 or None (no clipping), got {grad_clip!r}")
     torch.manual_seed(seed)
     device = device or next(model.parameters()).device
     get_batch = _batch_source(batches)
@@ -74,7 +95,8 @@ def train(model, batches, *, steps=100, lr=3e-3, weight_decay=0.01, warmup=0, gr
         return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
     eval_every = eval_every or max(1, steps // 10)
-    history = {"step": [], "loss": [], "lr": [], "time": [], "val_step": [], "val_loss": [], "val_acc": []}
+    history = {"step": [], "loss": [], "lr": [], "time": [], "val_step": [], "val_loss": [], "val_acc": [],
+               "diverged_at": None}
     bar = range(steps)
     if progress:
         from tqdm.auto import tqdm
@@ -91,12 +113,18 @@ def train(model, batches, *, steps=100, lr=3e-3, weight_decay=0.01, warmup=0, gr
             loss = default_step(model, inputs, targets, optimizer, grad_clip)
         else:
             loss = step_fn(model, inputs, targets, optimizer)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"train: loss became {loss} at step {step} (lower lr, or check the inputs)")
+        diverged = not math.isfinite(loss) or (divergence_threshold is not None and loss > divergence_threshold)
+        if diverged and on_divergence == "raise":
+            what = f"became {loss}" if not math.isfinite(loss) else f"= {loss} exceeded {divergence_threshold}"
+            raise FloatingPointError(f"train: loss {what} at step {step} (lower lr, add warm-up, or check the "
+                                     f"inputs; on_divergence='record' returns the history instead)")
         history["step"].append(step)
         history["loss"].append(loss)
         history["lr"].append(lr_at(step))
         history["time"].append(time.perf_counter() - t0)
+        if diverged:
+            history["diverged_at"] = step
+            break
         if val_batch is not None and ((step + 1) % eval_every == 0 or step == steps - 1):
             vl, va = evaluate(model, val_batch)
             history["val_step"].append(step)

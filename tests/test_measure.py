@@ -251,3 +251,43 @@ def test_cpu_memory_events_fallback_without_private_results():
     approx = measure._cpu_memory_events(Public())
     # the same net bytes (what was allocated and not freed), each op's memory at its start time
     assert sum(n for _, n in approx) == sum(n for _, n in exact)
+
+
+def test_forward_and_training_flops_follow_the_closed_form():
+    from effedu.measure import forward_flops, training_flops, transformer_training_flops, attention_flops
+    from effedu.model import Transformer, TransformerConfig
+    from effedu.general.sharing import share_layers
+
+    cfg = TransformerConfig(vocab_size=37, d_model=24, n_heads=3, n_layers=3, d_ff=40, max_len=50)
+    model = Transformer(cfg)
+    # weights of the matmuls, by hand: per layer QKVO 4·d² + FFN 2·d·d_ff; the head d·V (embeddings are lookups)
+    d, L, V, n = 24, 3, 37, 17
+    N = L * (4 * d * d + 2 * d * 40) + d * V
+    expected = 2 * N * n + L * 2 * (2 * n * n * d) // 2  # causal: half of QKᵀ and AV
+    assert forward_flops(model, n) == expected
+    assert forward_flops(model, n, causal=False) == 2 * N * n + L * 4 * n * n * d
+    assert training_flops(model, 4 * n, seq_len=n) == 3 * 4 * expected
+    assert training_flops(model, 4 * n, seq_len=n, backward=False) == 4 * expected
+    assert transformer_training_flops(N, 4 * n, n_layers=L, seq_len=n, d_model=d) == 3 * 4 * expected
+    # ≈ 6·N·D when the attention term is small (short sequences)
+    assert abs(training_flops(model, 1000, seq_len=1) / (6 * N * 1000) - 1) < 0.01 + 3 * L * attention_flops(1, d) / (6 * N)
+    # sharing saves parameters, not compute
+    shared = share_layers(Transformer(cfg), "all")
+    assert sum(p.numel() for p in shared.parameters()) < sum(p.numel() for p in model.parameters())
+    assert forward_flops(shared, n) == forward_flops(model, n)
+
+
+def test_flops_functions_reject_bad_input():
+    import torch.nn as nn
+    from effedu.measure import forward_flops, training_flops, transformer_training_flops
+    from effedu.model import Transformer, TransformerConfig
+
+    model = Transformer(TransformerConfig(vocab_size=10, d_model=8, n_heads=2, n_layers=1, d_ff=16, max_len=8))
+    with pytest.raises(ValueError, match="seq_len must be a positive int"):
+        forward_flops(model, 0)
+    with pytest.raises(TypeError, match="must have a .config"):
+        forward_flops(nn.Linear(2, 2), 4)
+    with pytest.raises(ValueError, match="tokens must be a non-negative int"):
+        training_flops(model, -1, seq_len=4)
+    with pytest.raises(ValueError, match="n_layers must be a positive int"):
+        transformer_training_flops(10, 10, n_layers=0, seq_len=4, d_model=8)

@@ -1,4 +1,5 @@
 """The training loop: it learns, it is deterministic, it validates."""
+import math
 import pytest
 import torch
 
@@ -67,3 +68,26 @@ def test_lm_loss_keeps_float64_and_computes_half_precision_in_float32():
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)
     assert lm_loss(logits.half(), targets).dtype == torch.float32
     assert lm_loss(logits.flatten(0, 1), targets.flatten()) == loss  # (N, V) as well as (B, T, V)
+
+
+def test_divergence_is_recorded_instead_of_raised_when_asked():
+    cfg = TransformerConfig(vocab_size=10, d_model=16, n_heads=2, n_layers=1, d_ff=32, max_len=32)
+    model = Transformer(cfg)
+    hist = train(model, copy_batch, steps=6, lr=1e30, grad_clip=None, progress=False, on_divergence="record")
+    k = hist["diverged_at"]
+    assert k is not None and len(hist["loss"]) == k + 1 and not math.isfinite(hist["loss"][-1])
+    assert all(math.isfinite(v) for v in hist["loss"][:-1]) and hist["step"][-1] == k
+    # a threshold counts as divergence too: the first step above it stops training
+    hist = train(Transformer(cfg), copy_batch, steps=5, progress=False, on_divergence="record",
+                 divergence_threshold=0.0)
+    assert hist["diverged_at"] == 0 and len(hist["loss"]) == 1
+    with pytest.raises(FloatingPointError, match="exceeded"):
+        train(Transformer(cfg), copy_batch, steps=2, progress=False, divergence_threshold=0.0)
+    # a healthy run: the key is there, None
+    hist = train(Transformer(cfg), copy_batch, steps=3, progress=False, on_divergence="record", grad_clip=0)
+    assert hist["diverged_at"] is None and len(hist["loss"]) == 3
+    for bad, match in ((dict(on_divergence="ignore"), "on_divergence must be"),
+                       (dict(divergence_threshold=float("nan")), "divergence_threshold must be"),
+                       (dict(warmup=-1), "warmup must be an int"), (dict(grad_clip=-1.0), "grad_clip must be")):
+        with pytest.raises(ValueError, match=match):
+            train(Transformer(cfg), copy_batch, steps=1, progress=False, **bad)
