@@ -31,7 +31,6 @@ Everything is seeded; nothing here re-implements a technique (it calls :mod:`eff
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import time
@@ -45,6 +44,7 @@ from ..data.tasks import MIXED_DIGIT0, PAD, make_mixed_difficulty
 from ..model import IGNORE, TransformerConfig
 from ..train import train
 from . import conditional as C
+from .sweeps import sweep_main
 
 COMMAND = "python -m effedu.general.conditional_sweep"
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "data" / "results" / "conditional.json"
@@ -291,18 +291,10 @@ def early_exit_arrays(results):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a few steps per model: seconds (the unit test)")
-    parser.add_argument("--out", type=Path, default=None, help=f"output JSON (default {DEFAULT_OUT})")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads for the run (default: torch's)")
-    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
-    args = parser.parse_args(argv)
-    out = args.out or DEFAULT_OUT
-    results = run_sweep(quick=args.quick, threads=args.threads, parts=tuple(args.parts))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results) + "\n", encoding="utf-8")
-    print(f"wrote {out} ({results['seconds']:.0f} s)")
-    return results
+    return sweep_main(argv, command=COMMAND, description=__doc__, default_out=DEFAULT_OUT,
+                      add_arguments=lambda p: p.add_argument("--parts", nargs="+", default=list(PARTS),
+                                                             choices=list(PARTS)),
+                      run=lambda a: run_sweep(quick=a.quick, threads=a.threads, parts=tuple(a.parts)))
 
 
 __all__ = ["COMMAND", "DEFAULT_OUT", "SCHEMA_VERSION", "TASK", "EARLY", "ACT", "DEPTH", "QUICK_STEPS",

@@ -34,10 +34,8 @@ prints them from this file (the same on every machine), and re-computes only exa
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -49,6 +47,7 @@ from ..measure import attention_flops, attention_projection_flops, count_paramet
 from ..model import Transformer, TransformerConfig
 from ..train import evaluate, train
 from . import moe as M
+from .sweeps import log_to_stderr, sweep_main
 
 COMMAND = "python -m effedu.general.moe_sweep"
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "data" / "results" / "moe.json"
@@ -316,17 +315,8 @@ def balance_run(results, n_experts, aux_weight):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of seconds")
-    ap.add_argument("--out", default=None, help=f"where to write the JSON (default {DEFAULT_OUT})")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads during the sweep (default: unchanged)")
-    args = ap.parse_args(argv)
-    out = Path(args.out) if args.out else DEFAULT_OUT
-    results = run_sweep(args.quick, threads=args.threads, log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, separators=(",", ":")) + "\n", encoding="utf-8")
-    print(f"wrote {out} ({results['seconds']} s)")
-    return out
+    return sweep_main(argv, command=COMMAND, description=__doc__, default_out=DEFAULT_OUT,
+                      run=lambda a: run_sweep(a.quick, threads=a.threads, log=log_to_stderr))
 
 
 if __name__ == "__main__":

@@ -33,10 +33,8 @@ matrix itself.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -48,6 +46,7 @@ from ..data.sentences import load_sentences
 from ..model import Transformer, TransformerConfig
 from ..train import evaluate, lm_loss, train
 from . import lottery, prune
+from .sweeps import log_to_stderr, sweep_main
 
 DEFAULT_PATH = Path(__file__).resolve().parents[2] / "data" / "results" / "pruning.json"  # <repo>/data/results/
 COMMAND = "python -m effedu.general.prune_sweep"
@@ -286,16 +285,8 @@ def load_results(path=None):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of seconds")
-    ap.add_argument("--out", default=None, help=f"where to write the JSON (default {DEFAULT_PATH})")
-    args = ap.parse_args(argv)
-    out = Path(args.out) if args.out else DEFAULT_PATH
-    results = run_sweep(args.quick, log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    print(f"wrote {out} ({results['seconds']} s)")
-    return out
+    return sweep_main(argv, command=COMMAND, description=__doc__, default_out=DEFAULT_PATH, threads=False, indent=1,
+                      run=lambda a: run_sweep(a.quick, log=log_to_stderr))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ encoder layers can save; the rows also give the bytes of the quantised layers al
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import io
@@ -49,6 +48,7 @@ from ..data import make_task
 from ..model import Transformer, TransformerConfig
 from ..train import default_step, evaluate, train
 from . import quantize as Q
+from .sweeps import sweep_main
 
 COMMAND = "python -m effedu.general.quantize_sweep"
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "data" / "results" / "quantization.json"
@@ -375,19 +375,14 @@ def load_results(path=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes: seconds (what the unit test runs)")
-    parser.add_argument("--out", type=Path, default=None, help=f"output JSON (default {DEFAULT_OUT})")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads for the run (default: torch's)")
-    parser.add_argument("--parts", nargs="+", default=["tiny", "minilm"], choices=["tiny", "minilm"])
-    parser.add_argument("--no-torchao", action="store_true", help="skip the torchao comparison (its import is slow)")
-    args = parser.parse_args(argv)
-    out = args.out or DEFAULT_OUT
-    results = run_sweep(quick=args.quick, threads=args.threads, parts=tuple(args.parts), torchao=not args.no_torchao)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    print(f"wrote {out} ({results['seconds']:.0f} s)")
-    return results
+    def options(p):
+        p.add_argument("--parts", nargs="+", default=["tiny", "minilm"], choices=["tiny", "minilm"])
+        p.add_argument("--no-torchao", action="store_true", help="skip the torchao comparison (its import is slow)")
+
+    return sweep_main(argv, command=COMMAND, description=__doc__, default_out=DEFAULT_OUT, indent=1,
+                      add_arguments=options,
+                      run=lambda a: run_sweep(quick=a.quick, threads=a.threads, parts=tuple(a.parts),
+                                              torchao=not a.no_torchao))
 
 
 __all__ = ["COMMAND", "DEFAULT_OUT", "TINY", "BITS", "QAT_BITS", "SCHEMES", "MINILM_SCHEMES", "tiny_config",
