@@ -10,8 +10,13 @@ Each exercise's solution cell (tagged ``solution``) keeps every line except thos
   ``raise NotImplementedError`` as the body.
 
 The check cell after it (untagged) then fails on the stub — with :func:`effedu.exercises.answered`'s message
-for a ``...`` — until the learner's answer is right. The solution cells' outputs are removed; every other cell
-keeps its outputs, so the plots stay visible.
+for a ``...`` — until the learner's answer is right. The outputs of the solution and check cells are removed;
+every other cell keeps its outputs, so the plots stay visible.
+
+In the student copy the stub cell is tagged ``exercise`` and both it and its check cell are tagged
+``raises-exception``: JupyterLab's "Run All" (which sends such a cell with ``stop_on_error=False``), nbclient and
+nbval then go on past an exercise that is not done yet, so the rest of the chapter still runs. The browser test
+(``tests/e2e``) runs the student copies this way and asserts that every check cell raised.
 """
 from __future__ import annotations
 
@@ -23,6 +28,12 @@ import sys
 BEGIN = "### BEGIN SOLUTION"
 END = "### END SOLUTION"
 STUB_COMMENT = "# YOUR CODE HERE"
+SOLUTION_TAG = "solution"  # the course notebook's answer cell
+EXERCISE_TAG = "exercise"  # the same cell in the student copy, holding the stub
+RAISES_TAG = "raises-exception"  # JupyterLab / nbclient / nbval: the cell may raise, go on with the next one
+# what a check cell may raise on its stub: effedu.exercises.answered's ExerciseNotDone for an answer still ``...``,
+# NotImplementedError from a stubbed function, or the check's own AssertionError
+EXPECTED_CHECK_ERRORS = frozenset({"ExerciseNotDone", "AssertionError", "NotImplementedError"})
 _NOT_IMPLEMENTED = 'raise NotImplementedError("exercise: your code here")'
 
 
@@ -150,20 +161,53 @@ def _as_nb_source(text):
     return [p + "\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
 
 
+def _tags(cell):
+    return list(cell.get("metadata", {}).get("tags", []))
+
+
+def exercise_cells(nb):
+    """``[(answer cell index, check cell index)]`` of a course notebook or of its student copy.
+
+    The answer cell is tagged ``solution`` (course) or ``exercise`` (student copy); its check cell is the code
+    cell right after it. Raises ``ValueError`` when an answer cell is not followed by a code cell.
+    """
+    cells = nb["cells"]
+    pairs = []
+    for i, cell in enumerate(cells):
+        tags = _tags(cell)
+        if SOLUTION_TAG in tags or EXERCISE_TAG in tags:
+            j = i + 1
+            if j >= len(cells) or cells[j].get("cell_type") != "code":
+                raise ValueError(f"cell {i} (tagged {SOLUTION_TAG!r}/{EXERCISE_TAG!r}): the next cell must be the "
+                                 f"exercise's check, a code cell")
+            pairs.append((i, j))
+    return pairs
+
+
 def strip_solutions(nb):
-    """Return a copy of the notebook dict with each ``solution``-tagged cell's answer replaced by its stub."""
+    """Return a copy of the notebook dict with each ``solution``-tagged cell's answer replaced by its stub.
+
+    The stub cell is tagged ``exercise`` instead of ``solution``; it and its check cell (the next code cell) get
+    the ``raises-exception`` tag and lose their outputs. The input is not modified.
+    """
     out = dict(nb)
+    checks = {j for i, j in exercise_cells(nb) if SOLUTION_TAG in _tags(nb["cells"][i])}
     cells = []
-    for cell in nb["cells"]:
-        tags = cell.get("metadata", {}).get("tags", [])
-        if "solution" in tags:
+    for n, cell in enumerate(nb["cells"]):
+        tags = _tags(cell)
+        if SOLUTION_TAG in tags:
             meta = dict(cell.get("metadata", {}))
-            meta["tags"] = [t for t in tags if t != "solution"] + ["exercise"]
+            meta["tags"] = [t for t in tags if t not in (SOLUTION_TAG, RAISES_TAG)] + [EXERCISE_TAG, RAISES_TAG]
             cells.append({
                 "cell_type": "code", "metadata": meta, "execution_count": None, "outputs": [],
                 "source": _as_nb_source(stub_source(_source(cell))),
                 **({"id": cell["id"]} if "id" in cell else {}),
             })
+        elif n in checks:
+            meta = dict(cell.get("metadata", {}))
+            meta["tags"] = tags + ([] if RAISES_TAG in tags else [RAISES_TAG])
+            # its committed output ("✔ Exercise N passed") would not be true of the stub: removed too
+            cells.append({**cell, "metadata": meta, "outputs": [], "execution_count": None})
         else:
             cells.append(cell)
     out["cells"] = cells

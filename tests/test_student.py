@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from effedu.student import main, solution_regions, strip_solutions, stub_source
+from effedu.student import exercise_cells, main, solution_regions, strip_solutions, stub_source
 
 SOLUTION = """# Solution 1: k* from the measured a and c
 torch.manual_seed(0)
@@ -82,8 +82,17 @@ def test_strip_solutions_and_cli(tmp_path):
     out = strip_solutions(nb)
     assert "42" not in json.dumps(out["cells"][1])
     assert "".join(out["cells"][1]["source"]).splitlines() == ["# YOUR CODE HERE", "answer = ...", ""][:2]
-    assert out["cells"][1]["outputs"] == [] and out["cells"][1]["metadata"]["tags"] == ["exercise"]
-    assert out["cells"][2] == nb["cells"][2] and out["cells"][0] == nb["cells"][0]
+    assert out["cells"][1]["outputs"] == [] and out["cells"][1]["metadata"]["tags"] == ["exercise", "raises-exception"]
+    # the check cell keeps its source, tagged raises-exception (Run All / nbclient go on past an unanswered
+    # exercise); its committed "passed" output is not true of the stub: removed
+    assert out["cells"][2]["metadata"]["tags"] == ["raises-exception"]
+    assert out["cells"][2]["source"] == nb["cells"][2]["source"]
+    assert out["cells"][2]["outputs"] == [] and out["cells"][2]["execution_count"] is None
+    assert out["cells"][0] == nb["cells"][0]
+    assert nb["cells"][2]["metadata"] == {} and nb["cells"][1]["metadata"]["tags"] == ["solution"]  # input intact
+    assert nb["cells"][2]["outputs"] == [{"y": 2}]
+    assert exercise_cells(nb) == exercise_cells(out) == [(1, 2)]
+    assert strip_solutions(out) == out  # a student copy has no solutions left: stripping again changes nothing
     src = tmp_path / "src"
     src.mkdir()
     (src / "00_x.ipynb").write_text(json.dumps(nb))
@@ -93,6 +102,24 @@ def test_strip_solutions_and_cli(tmp_path):
     nb["cells"][1]["source"] = ["answer = 42"]  # no markers: refused with the reason
     (src / "00_x.ipynb").write_text(json.dumps(nb))
     assert main([str(src), str(tmp_path / "d3")]) == 1
+
+
+def test_exercise_cells_pairs_answers_with_their_checks():
+    def cell(kind, *tags):
+        return {"cell_type": kind, "metadata": {"tags": list(tags)} if tags else {}, "source": ""}
+
+    nb = {"cells": [cell("markdown"), cell("code", "solution"), cell("code"), cell("markdown"),
+                    cell("code", "solution", "nbval-ignore-output"), cell("code", "raises-exception")]}
+    assert exercise_cells(nb) == [(1, 2), (4, 5)]
+    out = strip_solutions({**nb, "cells": [dict(c, source="### BEGIN SOLUTION\nx = 1\n### END SOLUTION")
+                                           if "solution" in c["metadata"].get("tags", []) else c
+                                           for c in nb["cells"]]})
+    assert out["cells"][4]["metadata"]["tags"] == ["nbval-ignore-output", "exercise", "raises-exception"]
+    assert out["cells"][5]["metadata"]["tags"] == ["raises-exception"]  # not added twice
+    assert exercise_cells({"cells": [cell("markdown")]}) == []
+    for bad in ([cell("code", "solution")], [cell("code", "exercise"), cell("markdown")]):
+        with pytest.raises(ValueError, match="must be the exercise's check, a code cell"):
+            exercise_cells({"cells": bad})
 
 
 def test_exercise_helpers():

@@ -381,13 +381,17 @@ JS_CLEAR_AND_RUN_ALL = """(what) => {
   return true;
 }"""
 
-# DOM view of error outputs: a traceback in a stderr-typed output, or an error output rendered with its ename
-JS_DOM_ERRORS = """() => {
+# DOM view of error outputs: a traceback in a stderr-typed output, or an error output rendered with its ename;
+# ``skip``: indices of cells whose errors are expected (the exercises of a student copy), left out
+JS_DOM_ERRORS = """(skip) => {
   const w = window.jupyterapp.shell.currentWidget;
   const out = [];
   const ename = /^\\s*[A-Za-z_][\\w.]*(Error|Exception|Interrupt|Exit)\\b.*$/m;
+  const skipped = new Set((skip || []).map((i) => w.content.widgets[i] && w.content.widgets[i].node).filter(Boolean));
   for (const el of w.node.querySelectorAll(
       '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"], .jp-RenderedText[data-mime-type="application/vnd.jupyter.stderr"]')) {
+    const cell = el.closest('.jp-Cell');
+    if (cell && skipped.has(cell)) continue;
     const t = el.textContent || '';
     if (t.includes('Traceback (most recent call last)') || (ename.test(t) && !/Warning:/.test(t.match(ename)[0]))) {
       out.push(t.slice(0, 600));
@@ -537,12 +541,15 @@ def _short(state: dict) -> dict:
 class LabPage:
     """One browser page on the lab server, reused from notebook to notebook (reloaded after a failure)."""
 
+    SETTLE = 2.0  # seconds the kernel stays idle, nothing running, before a run with an error counts as finished
+
     def __init__(self, browser, server: LabServer, viewport=(1280, 900)):
         self.browser = browser
         self.server = server
         self.viewport = viewport
         self.page = None
         self.console_errors: list[str] = []
+        self.error_cells: set[int] = set()  # cells of the current notebook whose error outputs are expected
 
     # -- the page -------------------------------------------------------------------------------------------
     def fresh(self, timeout: float = 60):
@@ -618,17 +625,33 @@ class LabPage:
     def run_all(self, path, timeout: float):
         """Clear every output, then run all cells by command id; wait until nothing runs and the kernel is idle.
 
-        Returns the final state. Stops early (without timing out) when a cell raised: JupyterLab does not run
-        the cells after an error.
+        Returns the final state. Stops early (without timing out) when a cell raised and nothing runs any more:
+        JupyterLab does not run the cells after an error, except after a cell tagged ``raises-exception`` (sent
+        with ``stop_on_error=False``: the exercises of a student copy), where it goes on; the cells it skipped stay
+        in ``missing``.
         """
         self.page.evaluate(JS_CLEAR_AND_RUN_ALL, "notebook:clear-all-cell-outputs")
         self.wait(path, lambda s: not s.get("stale"), "all outputs cleared", 10)
         self.page.evaluate(JS_CLEAR_AND_RUN_ALL, "notebook:run-all-cells")
 
+        idle_since = None
+
         def finished(s):
+            # After a cell raised, JupyterLab marks every cell still queued as not running (its "Run All" promise
+            # failed), yet after a raises-exception cell the kernel goes on executing them; between two of them
+            # it is idle for milliseconds only. So with an error on the page and cells not executed, "finished"
+            # needs the kernel idle, with nothing running, for SETTLE seconds in a row.
+            nonlocal idle_since
             if s.get("running") or s.get("status") != "idle":
+                idle_since = None
                 return False
-            return not s.get("missing") or bool(s.get("errors"))
+            if not s.get("missing"):
+                return True
+            if not s.get("errors"):
+                return False  # the first cells may not be marked running yet right after the command
+            now = time.monotonic()
+            idle_since = now if idle_since is None else idle_since
+            return now - idle_since >= self.SETTLE
 
         def trouble(s):
             if s.get("dialog"):
@@ -637,11 +660,12 @@ class LabPage:
                 return f"the kernel is {s['status']} (crashed or out of memory?)"
             return None
 
-        # the first cells may not be marked running yet right after the command: wait for the kernel to start
         return self.wait(path, finished, "all cells executed", timeout, interval=0.2, fail=trouble)
 
-    def dom_errors(self):
-        return self.page.evaluate(JS_DOM_ERRORS)
+    def dom_errors(self, skip=None):
+        """Error outputs shown on the page, except in the cells ``skip`` (indices; default ``self.error_cells``,
+        the cells of the current notebook where an error is expected: a student copy's exercises)."""
+        return self.page.evaluate(JS_DOM_ERRORS, sorted(self.error_cells if skip is None else skip))
 
     def explorers(self):
         return self.page.evaluate(JS_EXPLORER)
@@ -770,3 +794,26 @@ class LabPage:
     def close_notebook(self):
         with contextlib.suppress(Exception):
             self.page.evaluate(JS_CLOSE_CURRENT)
+
+
+def can_run() -> tuple[bool, str]:
+    """Whether the browser tests can run here (Chromium found, Playwright importable); (ok, what is missing)."""
+    missing = []
+    if not find_chromium():
+        missing.append(f"Chromium ({INSTALL_HINT})")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append("the Python package playwright (`pip install -e '.[test]'`)")
+    return not missing, "; ".join(missing)
+
+
+if __name__ == "__main__":
+    # `python tests/e2e/_lab.py --can-run` (make test): exit 0 when the browser tests can run, else 1 with why
+    if sys.argv[1:] != ["--can-run"]:
+        print("usage: python tests/e2e/_lab.py --can-run", file=sys.stderr)
+        sys.exit(2)
+    ok, why = can_run()
+    if not ok:
+        print(f"tests/e2e cannot run here: missing {why}")
+    sys.exit(0 if ok else 1)

@@ -74,6 +74,7 @@ def pytest_terminal_summary(terminalreporter):
             + (f"#{t['slowest'][0]} {t['slowest'][1]:.1f}" if t.get("slowest") and t["slowest"][0] is not None else "")
             + (f"  (slider: {t['moved']})" if t.get("moved") else "")
             + (f"  ({t['moves']} control moves in {t['controls']:.1f} s)" if t.get("moves") else "")
+            + (f"  ({t['checks']} checks failed on their stubs)" if t.get("checks") else "")
         )
     setup = TIMINGS_SESSION.get("setup")
     extra = f"; session set-up (server + browser) {setup:.1f} s" if setup is not None else ""
@@ -196,6 +197,7 @@ def lab(lab_session, lab_server, request):
     if lab_session.page is None:
         lab_session.fresh()
     lab_session.console_errors.clear()
+    lab_session.error_cells = set()
     yield lab_session
     failed = any(
         getattr(getattr(request.node, f"e2e_rep_{when}", None), "failed", False) for when in ("setup", "call")

@@ -1,7 +1,15 @@
 """Every chapter as a learner sees it: JupyterLab in headless Chromium, run all, move a slider, see the plot change.
 
+The notebook opened is the chapter's **student copy** (``effedu.student.strip_solutions``, what ``make student``
+writes): each exercise's answer is a stub, and the stub and its check cell are tagged ``raises-exception``, so
+JupyterLab's "Run All" goes on past them (it sends such a cell with ``stop_on_error=False``). This test is thus also
+the exercises' test (``tests/exercises`` runs the same check with nbclient, for machines without Chromium):
+every check cell raises, with ``ExerciseNotDone``, ``AssertionError`` or ``NotImplementedError`` (a check that
+passes on the stub checks nothing), and no other cell raises (the stubs break only what the learner writes).
+nbval proves the other half: in the course notebooks every check passes.
+
 nbval proves a notebook's text outputs; this proves the page: the chapter opens in JupyterLab, its kernel
-connects, "run all" finishes without an error output, the explorer's controls render as widgets (not as
+connects, "run all" finishes without an error output outside the exercises, the explorer's controls render as widgets (not as
 ``IntSlider(value=…)`` text or "Error displaying widget"), and moving one slider with the keyboard re-runs the
 plot in the kernel and redraws the figure. Then every visible control of every explorer is moved to both ends
 (sliders with Home/End, dropdowns to their last and first option, checkboxes toggled): each move must redraw the
@@ -13,14 +21,15 @@ Each notebook runs from a copy in a temporary folder; the repository's notebooks
 """
 from __future__ import annotations
 
+import json
 import os
 import pathlib
-import shutil
 import time
 
 import pytest
 
 import _lab
+from effedu.student import EXPECTED_CHECK_ERRORS, exercise_cells, strip_solutions
 
 pytestmark = pytest.mark.e2e
 
@@ -30,10 +39,7 @@ MOVE_TIMEOUT = float(os.environ.get("EFFEDU_E2E_MOVE_TIMEOUT", "90"))  # one red
 SCREENSHOTS = pathlib.Path(os.environ.get("EFFEDU_E2E_SCREENSHOTS", _lab.REPO / "docs" / "screenshots"))
 
 
-def _cell_error_message(path: pathlib.Path, errors: list[dict]) -> str:
-    import json
-
-    cells = json.loads(path.read_text())["cells"]
+def _cell_error_message(cells: list[dict], errors: list[dict]) -> str:
     lines = []
     for e in errors:
         src = "".join(cells[e["cell"]]["source"]).strip().splitlines()
@@ -43,17 +49,43 @@ def _cell_error_message(path: pathlib.Path, errors: list[dict]) -> str:
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
 def test_chapter_runs_and_explorer_redraws(notebook, lab, lab_server):
-    shutil.copyfile(notebook, lab_server.notebook_dir / notebook.name)  # the repo's file is never opened
+    # the student copy, written to the server's temporary folder: the repo's file is never opened
+    student = strip_solutions(json.loads(notebook.read_text()))
+    (lab_server.notebook_dir / notebook.name).write_text(json.dumps(student, indent=1, ensure_ascii=False) + "\n")
     times = _lab.TIMINGS.setdefault(notebook.stem, {})
     started = time.monotonic()
     try:
-        _visit(notebook, lab, times)
+        _visit(notebook, student, lab, times)
     finally:
         times["total"] = time.monotonic() - started
 
 
-def _visit(notebook, lab, times):
+def _check_exercises(name, cells, pairs, errors):
+    """Every check cell raised a learner's error; no cell outside the exercises raised."""
+    exercise_idx = {i for pair in pairs for i in pair}
+    unexpected = [e for e in errors if e["cell"] not in exercise_idx]
+    assert not unexpected, (f"{name}: a cell outside the exercises raised in the student copy: "
+                            f"{_cell_error_message(cells, unexpected)}")
+    by_cell = {}
+    for e in errors:
+        by_cell.setdefault(e["cell"], e)
+    for n, (sol, chk) in enumerate(pairs, 1):
+        err = by_cell.get(chk)
+        assert err, (f"{name}: exercise {n}'s check (cell {chk}) passes on the stub of cell {sol}: it checks "
+                     f"nothing a learner could get wrong")
+        assert err["ename"] in EXPECTED_CHECK_ERRORS, (
+            f"{name}: exercise {n}'s check (cell {chk}) fails on the stub with {err['ename']}: "
+            f"{err['evalue'][:200]} — expected a message for the learner ({', '.join(sorted(EXPECTED_CHECK_ERRORS))})"
+        )
+
+
+def _visit(notebook, student, lab, times):
     name = notebook.name
+    cells = student["cells"]
+    pairs = exercise_cells(student)
+    assert pairs, f"{name}: no exercises (cells tagged 'solution', each followed by its check cell)"
+    expected_errors = {i for pair in pairs for i in pair}
+    lab.error_cells = expected_errors  # error outputs allowed on the page (lab.dom_errors): the exercises' only
     started = time.monotonic()
 
     # 1. open the chapter and wait for a connected, idle kernel
@@ -67,10 +99,16 @@ def _visit(notebook, lab, times):
     cell_times = {int(i): s for i, s in (state.get("times") or {}).items()}
     times["cells"] = sum(cell_times.values())
     times["slowest"] = max(cell_times.items(), key=lambda kv: kv[1], default=(None, 0.0))
-    assert not state["errors"], f"{name}: a cell raised: {_cell_error_message(notebook, state['errors'])}"
-    assert not state["missing"], f"{name}: cells {state['missing']} were not executed"
+    unexpected = [e for e in state["errors"] if e["cell"] not in expected_errors]
+    assert not unexpected, f"{name}: a cell raised: {_cell_error_message(cells, unexpected)}"
+    assert not state["missing"], (
+        f"{name}: cells {state['missing']} were not executed (after the error of cell(s) "
+        f"{sorted({e['cell'] for e in state['errors']})}: is the 'raises-exception' tag honoured by Run All?)"
+        if state["errors"] else f"{name}: cells {state['missing']} were not executed")
+    _check_exercises(name, cells, pairs, state["errors"])
+    times["checks"] = len(pairs)
     dom_errors = lab.dom_errors()
-    assert not dom_errors, f"{name}: error output(s) on the page: {dom_errors}"
+    assert not dom_errors, f"{name}: error output(s) on the page outside the exercises: {dom_errors}"
 
     # 3. the explorer renders as widgets: sliders with handles and the figure, no text repr, no widget error
     t = time.monotonic()

@@ -8,8 +8,11 @@ kernel, as a learner who has not answered anything would run it, and:
   function, or the check's own ``AssertionError``) — a check that passes on the stub checks nothing;
 - no cell other than the exercises' raises: the stubs break only what the learner has to write.
 
-Run with ``make exercises`` (``make test`` does). It executes every notebook once more (natively), so it sits
-with the notebook tests, not the unit tests.
+Run with ``make exercises``. ``make test`` proves the same in the browser instead: tests/e2e runs every
+chapter's student copy in JupyterLab and makes the same two assertions (the stub and check cells are tagged
+``raises-exception``, so Run All goes on past them); it runs this file only where the browser tests cannot run
+(no Chromium or playwright). It executes every notebook once more (natively), so it sits with the notebook tests,
+not the unit tests.
 """
 from __future__ import annotations
 
@@ -18,23 +21,11 @@ import pathlib
 
 import pytest
 
-from effedu.student import strip_solutions
+from effedu.student import EXPECTED_CHECK_ERRORS as EXPECTED_FAILURES
+from effedu.student import exercise_cells, strip_solutions
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-EXPECTED_FAILURES = {"ExerciseNotDone", "AssertionError", "NotImplementedError"}
-
-
-def exercise_cells(nb):
-    """``[(solution cell index, check cell index)]``: each check cell is the code cell right after its solution."""
-    pairs = []
-    cells = nb["cells"]
-    for i, cell in enumerate(cells):
-        if "solution" in cell.get("metadata", {}).get("tags", []):
-            j = i + 1
-            assert j < len(cells) and cells[j]["cell_type"] == "code", f"cell {i}: no check cell after the solution"
-            pairs.append((i, j))
-    return pairs
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
