@@ -49,7 +49,8 @@ class TransformerConfig:
     * ``attention_kwargs`` a dict, or one dict per layer (Cascade: a window that grows with depth);
     * ``norm`` ``"pre"`` / ``"post"`` / ``"none"`` (no LayerNorm anywhere, T-Fixup); None = from ``norm_first``.
       When given it wins, and ``norm_first`` is set to ``norm == "pre"``;
-    * ``residual_scale`` α in ``x = x + α·F(x)``: a number, or a pair (α_attention, α_ffn) (Admin, ReZero);
+    * ``residual_scale`` α in ``x = x + α·F(x)``: a number, or a pair (α_attention, α_ffn) (ReZero); the skip
+      path's own weight ω (``x = ω·x + α·F(x)``, Admin) is ``Block.skip_scale_attn``/``skip_scale_ffn``;
     * ``ffn`` ``"dense"`` or a factory ``ffn(config, layer_index) -> nn.Module`` (mixture of experts, ...).
     """
 
@@ -450,6 +451,9 @@ class Block(nn.Module):
         self.ln1 = layer_norm(config.d_model)
         self.ln2 = layer_norm(config.d_model)
         self.drop = nn.Dropout(config.dropout)
+        # ω in x = ω·x + α·F(x), per branch: None = 1 (no multiply). Admin (effedu.general.init.admin_init) sets
+        # a number or an nn.Parameter of shape (d,) here.
+        self.skip_scale_attn = self.skip_scale_ffn = None
 
     def _attend(self, h, memory, mask, return_weights):
         if memory is None:
@@ -457,8 +461,10 @@ class Block(nn.Module):
         return self.attn(h, context=torch.cat([memory, h], dim=1), mask=mask, return_weights=return_weights)
 
     @staticmethod
-    def _residual(x, branch, alpha):
-        # x + α·F(x)   (α = 1: the plain residual, no multiply)
+    def _residual(x, branch, alpha, omega=None):
+        # ω·x + α·F(x)   (α = 1: the plain residual, no multiply; ω = None: no multiply of the skip path)
+        if omega is not None:
+            x = x * omega
         return x + branch if alpha == 1.0 else x + alpha * branch
 
     def forward(self, x, *, memory=None, mask=None, return_weights=False):
@@ -470,16 +476,16 @@ class Block(nn.Module):
             a = self._attend(x, memory, mask, return_weights)
             if return_weights:
                 a, weights = a
-            x = self.ln1(self._residual(x, self.drop(a), self.alpha_attn))
-            x = self.ln2(self._residual(x, self.drop(self.ffn(x)), self.alpha_ffn))
+            x = self.ln1(self._residual(x, self.drop(a), self.alpha_attn, self.skip_scale_attn))
+            x = self.ln2(self._residual(x, self.drop(self.ffn(x)), self.alpha_ffn, self.skip_scale_ffn))
         else:
             # pre-LN: x = x + α·MHA(LN(x)); x = x + α·FFN(LN(x))        (norm="none": LN is the identity)
             h = self.ln1(x)
             a = self._attend(h, None if memory is None else self.ln1(memory), mask, return_weights)
             if return_weights:
                 a, weights = a
-            x = self._residual(x, self.drop(a), self.alpha_attn)
-            x = self._residual(x, self.drop(self.ffn(self.ln2(x))), self.alpha_ffn)
+            x = self._residual(x, self.drop(a), self.alpha_attn, self.skip_scale_attn)
+            x = self._residual(x, self.drop(self.ffn(self.ln2(x))), self.alpha_ffn, self.skip_scale_ffn)
         return (x, weights) if return_weights else x
 
 
