@@ -17,7 +17,8 @@ choice takes ``seed=`` and draws from a local generator, never from a global RNG
 from __future__ import annotations
 
 from . import cli, corpus, sentences, tasks, text
-from .corpus import DEFAULT_CORPUS_PATH, DEFAULT_N_SENTENCES, generate_corpus, load_corpus, write_corpus
+from .corpus import (DEFAULT_CORPUS_PATH, DEFAULT_N_SENTENCES, LABELS, SENTENCE_KINDS, generate_corpus,
+                     generate_labelled_sentences, load_corpus, write_corpus)
 from .sentences import generate_sentences, load_sentences, write_sentences
 from .tasks import (
     BRACKET_CHARS,
@@ -70,6 +71,7 @@ __all__ = [
     "MIXED_DIGIT0", "make_task", "task_vocab_size", "to_text",
     # corpus
     "DEFAULT_CORPUS_PATH", "DEFAULT_N_SENTENCES", "generate_corpus", "write_corpus", "load_corpus",
+    "generate_labelled_sentences", "SENTENCE_KINDS", "LABELS",
     # text
     "CharTokenizer", "corpus_tokenizer", "train_val_split", "lm_batch",
     # sentences

@@ -353,3 +353,67 @@ def load_corpus(path=None) -> str:
         return generate_corpus()
     return p.read_bytes().decode("utf-8")
 
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Labelled sentences from the same grammar (chapter 11's downstream probe)
+# --------------------------------------------------------------------------------------------------------------
+
+SENTENCE_KINDS = ("statement", "speech", "compound", "question", "counting", "dated", "parenthetical", "adverb")
+LABELS = ("tense", "kind")
+
+
+def _sentence_of_kind(g: _Grammar, kind: str) -> str:
+    """One sentence of ``kind`` (the branches of :meth:`_Grammar.sentence`, picked by name instead of by chance)."""
+    if kind == "statement":
+        s = g.clause() + "."
+    elif kind == "speech":
+        s = g.speech()
+    elif kind == "compound":
+        s = f"{g.clause()}, {g.r.choice(_CONNECTIVES)} {g.clause()}."
+    elif kind == "question":
+        s = g.question()
+    elif kind == "counting":
+        s = g.counting()
+    elif kind == "dated":
+        s = g.dated()
+    elif kind == "parenthetical":
+        s = g.parenthetical()
+    else:
+        s = f"{g.r.choice(_ADVERBS).capitalize()}, {g.clause()}."
+    return s[0].upper() + s[1:]
+
+
+def generate_labelled_sentences(n: int, seed: int = 0, *, label: str = "tense") -> tuple[list[str], list[int], list[str]]:
+    """``n`` single sentences of the corpus's grammar with a label each: ``(texts, labels, label_names)``.
+
+    * ``label="tense"``: 0 = present, 1 = past (the tense the grammar kept for the sentence's main verbs; direct
+      speech, always in the present inside its quotes, is left out). Balanced by construction (a fair coin).
+    * ``label="kind"``: which of the grammar's 8 sentence builders wrote it (:data:`SENTENCE_KINDS`), drawn
+      uniformly (the corpus itself draws them with unequal chances).
+
+    Every sentence starts a new protagonist (name and gender drawn as for a paragraph), so no label leaks from one
+    sentence to the next. Same alphabet as ``generate_corpus`` (the same words and punctuation), so the corpus's
+    character tokenizer encodes every text. Pure Python with a local ``random.Random(seed)``: the same on every
+    platform. ``generate_corpus`` is untouched (it does not call this).
+    """
+    check_positive_int(n, "n", "generate_labelled_sentences")
+    check_seed(seed, "generate_labelled_sentences")
+    if label not in LABELS:
+        raise ValueError(f"generate_labelled_sentences: label must be one of {', '.join(LABELS)}, got {label!r}")
+    g = _Grammar(random.Random(seed))
+    no_speech = [k for k in SENTENCE_KINDS if k != "speech"]
+    texts, labels = [], []
+    for _ in range(n):
+        g.she = g.chance(0.5)
+        g.name = g.r.choice(_FEMALE if g.she else _MALE)
+        g.past = g.chance(0.5)
+        if label == "tense":
+            texts.append(_sentence_of_kind(g, g.r.choice(no_speech)))
+            labels.append(int(g.past))
+        else:
+            k = g.r.randrange(len(SENTENCE_KINDS))
+            texts.append(_sentence_of_kind(g, SENTENCE_KINDS[k]))
+            labels.append(k)
+    names = ["present", "past"] if label == "tense" else list(SENTENCE_KINDS)
+    return texts, labels, names
