@@ -276,8 +276,10 @@ def quick(tmp_path_factory):
     from effedu.general import prune_sweep as SW
 
     out = tmp_path_factory.mktemp("sweep") / "pruning.json"
-    assert SW.main(["--quick", "--out", str(out)]) == out
-    return SW.load_results(out)
+    written = SW.main(["--quick", "--out", str(out)])
+    results = SW.load_results(out)
+    assert written["quick"] is True and results["command"] == written["command"]  # main returns what it wrote
+    return results
 
 
 def _is_fraction(x):
