@@ -26,3 +26,16 @@ def test_sweep_main_parses_the_shared_options_and_writes_the_json(tmp_path, caps
         sweep_main(["--threads", "2"], command="c", description="d", default_out=out, run=lambda a: {}, threads=False)
     with pytest.raises(TypeError, match="run must return the results dict"):
         sweep_main([], command="c", description="d", default_out=out, run=lambda a: None)
+
+
+def test_torch_threads_scopes_the_thread_count():
+    import torch
+
+    from effedu.general.sweeps import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with torch_threads(None):  # None: unchanged
+        assert torch.get_num_threads() == before

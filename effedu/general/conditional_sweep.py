@@ -31,7 +31,6 @@ Everything is seeded; nothing here re-implements a technique (it calls :mod:`eff
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from pathlib import Path
@@ -44,7 +43,7 @@ from ..data.tasks import MIXED_DIGIT0, PAD, make_mixed_difficulty
 from ..model import IGNORE, TransformerConfig
 from ..train import train
 from . import conditional as C
-from .sweeps import sweep_main
+from .sweeps import sweep_main, torch_threads
 
 COMMAND = "python -m effedu.general.conditional_sweep"
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "data" / "results" / "conditional.json"
@@ -239,16 +238,6 @@ def sweep_depth(*, quick=False, log=print):
 # the whole run and its file
 # ----------------------------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _threads(n):
-    """torch's intra-op threads set to ``n`` for the block, restored after (None: unchanged)."""
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 PARTS = ("early_exit", "act", "depth")
@@ -264,7 +253,7 @@ def run_sweep(*, quick=False, threads=None, parts=PARTS, log=None):
     log = log or (lambda *a: print(*a, flush=True))
     t0 = time.perf_counter()
     sweeps = {"early_exit": sweep_early_exit, "act": sweep_act, "depth": sweep_depth}
-    with _threads(threads):
+    with torch_threads(threads):
         results = {"schema": SCHEMA_VERSION, "command": COMMAND + (" --quick" if quick else ""), "quick": quick,
                    "env": env_report(print_report=False), "task": dict(TASK)}
         for part in PARTS:

@@ -21,7 +21,6 @@ Everything is seeded; nothing here re-implements a technique (it calls :mod:`eff
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 
 from .. import env_report
 from . import electra as E
+from .sweeps import torch_threads
 
 COMMAND = "python -m effedu.general.electra_sweep"
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "data" / "results" / "electra.json"
@@ -141,16 +141,6 @@ def sweep_knobs(*, quick=False, log=print):
     return out
 
 
-@contextlib.contextmanager
-def _threads(n):
-    """torch's intra-op threads set to ``n`` for the block, restored after (None: unchanged)."""
-    old = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def run(*, quick=False, out=DEFAULT_OUT, threads=None, log=print):
@@ -159,7 +149,7 @@ def run(*, quick=False, out=DEFAULT_OUT, threads=None, log=print):
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"electra_sweep.run: threads must be a positive int or None, got {threads!r}")
     t0 = time.perf_counter()
-    with torch.random.fork_rng(devices=[]), _threads(threads):
+    with torch.random.fork_rng(devices=[]), torch_threads(threads):
         result = {
             "schema_version": SCHEMA_VERSION,
             "command": COMMAND + (" --quick" if quick else ""),

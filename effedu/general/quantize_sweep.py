@@ -48,7 +48,7 @@ from ..data import make_task
 from ..model import Transformer, TransformerConfig
 from ..train import default_step, evaluate, train
 from . import quantize as Q
-from .sweeps import sweep_main
+from .sweeps import sweep_main, torch_threads
 
 COMMAND = "python -m effedu.general.quantize_sweep"
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "data" / "results" / "quantization.json"
@@ -334,16 +334,6 @@ def sweep_minilm(*, quick=False, torchao=True, log=print):
 # the whole run and its file
 # ----------------------------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _threads(n):
-    """torch's intra-op threads set to ``n`` for the block, restored after (None: unchanged)."""
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def run_sweep(*, quick=False, threads=None, parts=("tiny", "minilm"), torchao=True, log=None):
@@ -355,7 +345,7 @@ def run_sweep(*, quick=False, threads=None, parts=("tiny", "minilm"), torchao=Tr
         raise ValueError(f"run_sweep: threads must be an int ≥ 1 or None, got {threads!r}")
     log = log or (lambda *a: print(*a, flush=True))
     t0 = time.perf_counter()
-    with _threads(threads):
+    with torch_threads(threads):
         results = {"schema": SCHEMA_VERSION, "command": COMMAND + (" --quick" if quick else ""), "quick": quick,
                    "env": env_report(print_report=False)}
         if "tiny" in parts:

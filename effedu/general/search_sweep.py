@@ -15,16 +15,14 @@ function of the seed.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from pathlib import Path
 
-import torch
 
 from .. import env_report
 from . import search as S
-from .sweeps import sweep_main
+from .sweeps import sweep_main, torch_threads
 
 COMMAND = "python -m effedu.general.search_sweep"
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "data" / "results" / "search.json"
@@ -43,14 +41,6 @@ def space(*, quick=False):
     return S.SearchSpace(**(QUICK_SPACE if quick else SPACE))
 
 
-@contextlib.contextmanager
-def _threads(n):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def run(*, quick=False, threads=1, log=print):
@@ -71,7 +61,7 @@ def run(*, quick=False, threads=1, log=print):
 
     runs = []
     t_start = time.perf_counter()
-    with _threads(threads):
+    with torch_threads(threads):
         for seed in cfg["seeds"]:
             for hurdles_on in (False, True):
                 fit = S.TrainedFitness(seed=seed)

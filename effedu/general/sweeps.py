@@ -15,14 +15,29 @@ The notebook loads the committed JSON (``data/results/<chapter>.json``); the uni
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
+
+import torch
 
 
 def log_to_stderr(msg):
     """Progress lines of a sweep: to stderr, flushed (stdout keeps the one "wrote …" line)."""
     print(msg, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """torch's intra-op threads set to ``n`` for the block, restored after (None or 0: unchanged)."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def sweep_main(argv, *, command, description, default_out, run, threads=True, add_arguments=None, indent=None):
@@ -52,4 +67,4 @@ def sweep_main(argv, *, command, description, default_out, run, threads=True, ad
     return results
 
 
-__all__ = ["sweep_main", "log_to_stderr"]
+__all__ = ["sweep_main", "log_to_stderr", "torch_threads"]
