@@ -464,6 +464,92 @@ def test_clustered_bad_input():
 
 
 # ------------------------------------------------------------------------------------------------------------
+# improved clustered attention (Vyas et al. 2020, §3.3)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _improved_oracle(q, k, v, n_clusters, topk, iterations=10, seed=0):
+    """The paper's A^t written out query by query, from the same k-means assignment."""
+    _, assign = K.kmeans(q, n_clusters, iterations=iterations, seed=seed)
+    B, H, T, D = q.shape
+    out = torch.zeros(B, H, T, v.shape[-1], dtype=q.dtype)
+    for b in range(B):
+        for h in range(H):
+            for i in range(T):
+                members = assign[b, h] == assign[b, h, i]
+                centroid = q[b, h][members].mean(0)
+                a_c = torch.softmax(k[b, h] @ centroid / D ** 0.5, dim=0)
+                top = a_c.topk(topk).indices
+                a_t = a_c.clone()
+                a_t[top] = a_c[top].sum() * torch.softmax(k[b, h][top] @ q[b, h, i] / D ** 0.5, dim=0)
+                out[b, h, i] = a_t @ v[b, h]
+    return out
+
+
+def test_improved_clustered_matches_the_papers_formula_and_its_weights():
+    q, k, v = qkv(B=1, H=2, T=13, S=11, D=4, Dv=3, seed=21)
+    out, w, assign = K.improved_clustered_attention(q, k, v, n_clusters=3, topk=4, return_weights=True,
+                                                    return_clusters=True)
+    torch.testing.assert_close(out, _improved_oracle(q, k, v, 3, 4), **TOL[torch.float64])
+    torch.testing.assert_close(w @ v, out, **TOL[torch.float64])
+    torch.testing.assert_close(w.sum(-1), torch.ones(1, 2, 13, dtype=torch.float64), **TOL[torch.float64])
+    # the same clusters as plain clustered attention
+    _, _, plain_assign = K.clustered_attention(q, k, v, n_clusters=3, return_weights=True, return_clusters=True)
+    assert torch.equal(assign, plain_assign)
+
+
+def test_improved_clustered_with_topk_S_is_exact_attention_values_and_gradients():
+    inputs = qkv(B=2, H=2, T=19, S=23, D=8, Dv=5, seed=22, requires_grad=True)
+    out, g = grads(lambda q, k, v: K.improved_clustered_attention(q, k, v, n_clusters=3, topk=23), inputs)
+    ref, g_ref = grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), inputs)
+    torch.testing.assert_close(out, ref, **TOL[torch.float64])
+    for x, y in zip(g, g_ref):
+        torch.testing.assert_close(x, y, **TOL[torch.float64])
+    # topk beyond S is capped at S: still exact
+    torch.testing.assert_close(K.improved_clustered_attention(*inputs, n_clusters=2, topk=100), ref,
+                               **TOL[torch.float64])
+
+
+def test_improved_clustered_error_is_below_plain_clustered_and_falls_with_topk():
+    q, k, v = qkv(B=1, H=2, T=64, D=8, seed=23)
+    exact = softmax_attention(q, k, v)
+
+    def err(out):
+        return ((out - exact).norm() / exact.norm()).item()
+
+    plain = err(K.clustered_attention(q, k, v, n_clusters=8))
+    improved = [err(K.improved_clustered_attention(q, k, v, n_clusters=8, topk=t)) for t in (4, 16, 32, 64)]
+    assert plain > improved[0] > improved[1] > improved[2] > improved[3], (plain, improved)
+    assert improved[3] < 1e-10
+    # k = 1: the one key keeps exactly the weight the centroid gave it: plain clustered attention again
+    torch.testing.assert_close(K.improved_clustered_attention(q, k, v, n_clusters=8, topk=1),
+                               K.clustered_attention(q, k, v, n_clusters=8), **TOL[torch.float64])
+
+
+def test_improved_clustered_float32_and_gradients_are_finite():
+    q, k, v = qkv(B=2, H=2, T=17, D=8, dtype=torch.float32, seed=24, requires_grad=True)
+    out = K.improved_clustered_attention(q, k, v, n_clusters=4, topk=5)
+    out.square().sum().backward()
+    assert out.dtype == torch.float32 and out.shape == (2, 2, 17, 8)
+    assert all(torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0 for x in (q, k, v))
+
+
+def test_improved_clustered_bad_input():
+    q, k, v = qkv(T=6, D=4)
+    fn = K.improved_clustered_attention
+    with pytest.raises(ValueError, match=r"causal=True is impossible"):
+        fn(q, k, v, causal=True)
+    with pytest.raises(ValueError, match=r"topk must be a positive int, got 0"):
+        fn(q, k, v, topk=0)
+    with pytest.raises(ValueError, match=r"n_clusters must be a positive int, got -1"):
+        fn(q, k, v, n_clusters=-1)
+    with pytest.raises(ValueError, match=r"mask is not supported"):
+        fn(q, k, v, mask=torch.ones(6, 6, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"causal must be a bool"):
+        fn(q, k, v, causal=1)
+
+
+# ------------------------------------------------------------------------------------------------------------
 # registry and the model
 # ------------------------------------------------------------------------------------------------------------
 
@@ -472,6 +558,7 @@ def test_registered_names():
     assert {"linear", "performer", "clustered"} <= set(available())
     assert get("linear") is K.linear_attention and get("clustered") is K.clustered_attention
     assert get("performer") is K.PerformerAttention
+    assert get("clustered_improved") is K.improved_clustered_attention
 
 
 @pytest.mark.parametrize("name, causal, kwargs", [
@@ -479,6 +566,7 @@ def test_registered_names():
     ("linear", False, {}),
     ("performer", True, {"n_features": 16, "redraw_every": 3, "seed": 5}),
     ("clustered", False, {"n_clusters": 4}),
+    ("clustered_improved", False, {"n_clusters": 4, "topk": 4}),
 ])
 def test_model_trains_with_each_variant(name, causal, kwargs):
     torch.manual_seed(0)

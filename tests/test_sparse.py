@@ -414,6 +414,9 @@ REGISTERED = {
     "longformer": dict(window=7, dilation=2, global_tokens=2),
     "bigbird": dict(block_size=4, random_blocks=1, seed=2),
     "blockwise": dict(block_size=8),
+    "star": dict(),
+    "logsparse": dict(symmetric=True),
+    "blockbert": dict(block_size=8, permutations=[(1, 0, 2), 2]),
 }
 
 
@@ -496,6 +499,177 @@ def test_model_trains_with_each_variant(name, kwargs):
     batch_len = make_task("copy", 1, 24, seed=0).inputs.shape[1]
     if name == "block_sparse":
         kwargs = dict(kwargs, layout=sp.local_layout(batch_len, 8, 17))
+    cfg = TransformerConfig(vocab_size=32, d_model=32, n_heads=2, n_layers=2, d_ff=64, max_len=64,
+                            attention=name, attention_kwargs=kwargs)
+    _loss_falls(cfg)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the survey's remaining patterns: Star-Transformer, LogSparse, BlockBERT's permutations, Cascade
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _is_power_of_two(d):
+    return d > 0 and (d & (d - 1)) == 0
+
+
+NEW_DEFINITIONS = {
+    "star": (dict(), lambda i, j: abs(i - j) <= 1 or i == 0 or j == 0),
+    "logsparse": (dict(), lambda i, j: i == j or _is_power_of_two(i - j)),
+    "logsparse_sym": (dict(symmetric=True), lambda i, j: i == j or _is_power_of_two(abs(i - j))),
+}
+
+
+@pytest.mark.parametrize("key", list(NEW_DEFINITIONS))
+@pytest.mark.parametrize("T,S", [(1, 1), (13, 13), (19, 11), (11, 19), (33, 33)])
+def test_new_token_patterns_match_their_definition_and_cover(key, T, S):
+    params, allowed = NEW_DEFINITIONS[key]
+    name = key.removesuffix("_sym")
+    m = sp.pattern_mask(name, T, S=S, **params)
+    assert m.shape == (T, S) and m.dtype == torch.bool
+    assert torch.equal(m, _loop_mask(T, S, allowed))
+    for b in (3, 4, 16):
+        assert torch.equal(sp.pattern_layout(name, T, b, S=S, **params), sp.mask_to_layout(m, b))
+    builder = {"star": sp.star_mask, "logsparse": sp.logsparse_mask}[name]
+    assert torch.equal(builder(T, S=S, **params), m)
+    lay_builder = {"star": sp.star_layout, "logsparse": sp.logsparse_layout}[name]
+    assert torch.equal(lay_builder(T, 4, S=S, **params), sp.mask_to_layout(m, 4))
+
+
+def test_logsparse_row_counts_are_logarithmic():
+    n = 300
+    rows = sp.logsparse_mask(n).sum(1)
+    assert int(rows[0]) == 1
+    assert all(int(rows[i]) == math.floor(math.log2(i)) + 2 for i in range(1, n))
+    assert not sp.logsparse_mask(n).triu(1).any()  # causal by construction
+    sym = sp.logsparse_mask(n, symmetric=True)
+    assert torch.equal(sym, sym.T)
+
+
+def test_star_counts_and_two_hops():
+    n = 40
+    m = sp.star_mask(n)
+    rows = m.sum(1)
+    assert int(rows[0]) == n and int(rows[1]) == 3 and int(rows[-1]) == 3 and (rows[2:-1] == 4).all()
+    assert int(sp.hop_distance(m).max()) == 2  # any pair through the relay
+
+
+def _loop_blockbert(T, S, b, perms):
+    nS = -(-S // b)
+    lays = []
+    for perm in perms:
+        target = (lambda I, p=perm: (I + p) % nS) if isinstance(perm, int) else (lambda I, p=perm: p[I])
+        lays.append(_loop_mask(T, S, lambda i, j, t=target: j // b == t(i // b)))
+    return torch.stack(lays)
+
+
+@pytest.mark.parametrize("T,S,b,perms", [
+    (16, 16, 4, None), (19, 19, 4, [0, 1, 2]), (16, 16, 4, [(2, 0, 3, 1), 1]), (13, 17, 4, [0, 3]),
+])
+def test_blockbert_layout_and_mask_match_the_definition(T, S, b, perms):
+    mask = sp.blockbert_mask(T, b, S=S, permutations=perms)
+    want = _loop_blockbert(T, S, b, [0, 1] if perms is None else perms)
+    assert mask.shape == want.shape and torch.equal(mask, want)
+    lay = sp.blockbert_layout(T, b, S=S, permutations=perms)
+    assert lay.dim() == 3 and torch.equal(lay, sp.mask_to_layout(mask, b))
+    assert torch.equal(sp.layout_to_mask(lay, b, T, S), mask)
+    assert sp.blockbert_layout(T, b, S=S, heads=3).shape[0] == 3
+
+
+def test_blockbert_with_shifts_is_blockwise():
+    lay = sp.blockbert_layout(32, 8, permutations=[0, 1, 3])
+    assert torch.equal(lay, sp.blockwise_layout(32, 8, shift=(0, 1, 3)))
+
+
+def test_cascade_windows_kwargs_and_receptive_field():
+    assert [sp.cascade_window(layer, 4) for layer in range(4)] == [4, 8, 16, 32]
+    assert sp.cascade_window(2, 3, growth=3) == 27
+    assert torch.equal(sp.cascade_mask(50, 2, base_window=4), sp.local_mask(50, 16))
+    kw = sp.cascade_attention_kwargs(3, 4, block_size=8)
+    assert kw == [dict(window=4, block_size=8), dict(window=8, block_size=8), dict(window=16, block_size=8)]
+    n, L = 128, 4
+    cascade = [sp.cascade_mask(n, layer, base_window=4) for layer in range(L)]
+    fixed = [sp.local_mask(n, 4)] * L
+    mid = n // 2
+    for depth in range(1, L + 1):
+        rc = sp.stacked_receptive_field(cascade[:depth])
+        rf = sp.stacked_receptive_field(fixed[:depth])
+        assert torch.equal(rf, sp.receptive_field(fixed[0], depth))
+        # reach of the middle query: Σ_l ⌊w_l/2⌋ = 2(2^L − 1) for the cascade, 2L for the fixed window
+        assert int(rc[mid].sum()) == 2 * (2 * (2**depth - 1)) + 1
+        assert int(rf[mid].sum()) == 2 * (2 * depth) + 1
+        if depth > 1:
+            assert rc[mid].sum() > rf[mid].sum()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,params", [
+    ("star", dict(block_size=4)), ("logsparse", dict(block_size=4)),
+    ("blockbert", dict(block_size=4, permutations=[(1, 0, 3, 2, 5, 4), 2])),
+])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_new_patterns_attention_equals_masked_dense(name, params, backend, causal):
+    q, k, v = qkv(B=2, H=2, T=21, D=8, dtype=torch.float64)
+    fn = attention.get(name)
+    if name == "blockbert":
+        mask = sp.blockbert_mask(21, 4, permutations=params["permutations"])
+    else:
+        mask = sp.layout_to_mask(sp.pattern_layout(name, 21, 4), 4, 21)
+    out = fn(q, k, v, causal=causal, backend=backend, **params)
+    ref = softmax_attention(q, k, v, mask=mask, causal=causal)
+    torch.testing.assert_close(out, ref, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("name,params", [("star", {}), ("logsparse", {}), ("logsparse", dict(symmetric=True))])
+def test_new_token_patterns_exact_dense_path(name, params):
+    q, k, v = qkv(B=1, H=2, T=19, S=23, D=8, dtype=torch.float64)
+    out, w = attention.get(name)(q, k, v, return_weights=True, **params)
+    mask = sp.pattern_mask(name, 19, S=23, **params)
+    torch.testing.assert_close(out, softmax_attention(q, k, v, mask=mask), **TOL[torch.float64])
+    assert (w[..., ~mask] == 0).all()
+
+
+def test_new_patterns_bad_input():
+    with pytest.raises(TypeError, match="unexpected parameter\\(s\\) 'window' for pattern 'star'"):
+        sp.pattern_mask("star", 8, window=3)
+    with pytest.raises(TypeError, match="symmetric must be a bool, got int"):
+        sp.logsparse_mask(8, symmetric=1)
+    with pytest.raises(ValueError, match=r"permutations\[0\] must be a permutation of range\(4\), got \[0, 0, 1, 2\]"):
+        sp.blockbert_layout(16, 4, permutations=[(0, 0, 1, 2)])
+    with pytest.raises(ValueError, match=r"permutations\[1\] must be a permutation of the 4 key blocks"):
+        sp.blockbert_layout(16, 4, permutations=[0, (1, 0)])
+    with pytest.raises(TypeError, match="permutations must be a non-empty sequence"):
+        sp.blockbert_layout(16, 4, permutations=[])
+    with pytest.raises(ValueError, match="heads=3 disagrees with the 2 permutations"):
+        sp.blockbert_layout(16, 4, permutations=[0, 1], heads=3)
+    with pytest.raises(ValueError, match="heads must be a positive int"):
+        sp.blockbert_layout(16, 4, heads=0)
+    with pytest.raises(ValueError, match="permutations\\[0\\] must be ≥ 0"):
+        sp.blockbert_layout(16, 4, permutations=[-1])
+    with pytest.raises(TypeError, match="takes no block_size"):
+        sp.pattern_mask("logsparse", 8, block_size=4)
+    with pytest.raises(ValueError, match="layer must be ≥ 0, got -1"):
+        sp.cascade_window(-1, 4)
+    with pytest.raises(ValueError, match="base_window must be a positive int"):
+        sp.cascade_mask(8, 0, base_window=0)
+    with pytest.raises(ValueError, match="growth must be a positive int"):
+        sp.cascade_attention_kwargs(2, 4, growth=0)
+    with pytest.raises(TypeError, match="masks must be a non-empty list"):
+        sp.stacked_receptive_field(sp.local_mask(8, 3))
+    with pytest.raises(ValueError, match="every layer's mask must be"):
+        sp.stacked_receptive_field([sp.local_mask(8, 3), sp.local_mask(9, 3)])
+    q, k, v = qkv(B=1, H=2, T=16, D=4)
+    with pytest.raises(ValueError, match="layout has 3 heads|heads"):
+        sp.blockbert_attention(q, k, v, block_size=4, permutations=[0, 1, 2])
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("star", {}),
+    ("logsparse", dict(block_size=8)),
+    ("blockbert", dict(block_size=8)),
+    ("local", sp.cascade_attention_kwargs(2, 4, block_size=8)),            # Cascade: one window per layer
+])
+def test_model_trains_with_the_new_patterns(name, kwargs):
     cfg = TransformerConfig(vocab_size=32, d_model=32, n_heads=2, n_layers=2, d_ff=64, max_len=64,
                             attention=name, attention_kwargs=kwargs)
     _loss_falls(cfg)

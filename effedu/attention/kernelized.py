@@ -24,10 +24,17 @@ O(n²), and the T×S matrix is never formed.
 * **Clustered attention** (Vyas, Katharopoulos, Fleuret 2020): group the T queries into C clusters by k-means,
   compute exact softmax attention once per centroid, give every query its centroid's output: O(T·C) instead of
   O(T²). With C = T every query is its own centroid and the result is exact attention. (Vyas et al. cluster
-  LSH codes of the queries in Hamming space for speed; we run plain Euclidean k-means on the queries. Their
-  "improved" variant also lets each cluster attend exactly to its top-k keys: exercise.)
+  LSH codes of the queries in Hamming space for speed; we run plain Euclidean k-means on the queries.)
+* **Improved clustered attention** (Vyas et al. 2020, §3.3): the centroid's weights A^c_j also say which keys
+  matter to its cluster. Each cluster takes its top-k keys by those weights and the mass m̂_j = Σ_{top-k} A^c_jl
+  they hold; each query then attends *exactly* (softmax of its own q_i·k_l) to those k keys, scaled to m̂_j, and
+  keeps the centroid's weights on every other key:
 
-Registered: ``"linear"`` and ``"clustered"`` (functions) and ``"performer"`` (an nn.Module holding its random
+      A^t_il = m̂_j · exp(q_i·k_l/√d) / Σ_{r ∈ top-k_j} exp(q_i·k_r/√d)   if l ∈ top-k_j,    A^c_jl   otherwise
+
+  Rows still sum to 1; k = S gives exact attention; cost O(T·C + T·k) on top of clustering.
+
+Registered: ``"linear"``, ``"clustered"`` and ``"clustered_improved"`` (functions) and ``"performer"`` (an nn.Module holding its random
 features). ``linear_attention_naive`` is the plain O(T²) reference that the tests hold everything to.
 """
 from __future__ import annotations
@@ -464,6 +471,59 @@ def clustered_attention(q, k, v, *, causal=False, mask=None, n_clusters=16, iter
     return (out, *extra) if extra else out
 
 
+@register("clustered_improved")
+def improved_clustered_attention(q, k, v, *, n_clusters=16, topk=32, iterations=10, seed=0, causal=False, mask=None,
+                                 scale=None, return_weights=False, return_clusters=False):
+    """Improved clustered attention (Vyas et al. 2020, §3.3): clustered attention, plus exact attention of every
+    query to its cluster's top-``topk`` keys, which keep the probability mass the centroid gave them.
+
+    ``topk`` is capped at S (``topk=S``: exact softmax attention whatever the clusters); ``n_clusters`` at T.
+    Same clustering as ``clustered_attention`` (same ``iterations``, ``seed``). Non-causal only, no mask.
+    ``return_weights=True`` also returns the ``(B, H, T, S)`` weights A^t; ``return_clusters=True`` the assignment.
+    """
+    where = "improved_clustered_attention"
+    B, H, T, S, D, Dv = check_qkv(q, k, v, where=where)
+    _check_causal(causal, where)
+    if causal:
+        raise ValueError(f"{where}: causal=True is impossible: a cluster shares one attention row (and one top-k) "
+                         f"across positions; use 'linear' or 'performer' for a decoder")
+    _refuse_mask(mask, where)
+    check_positive_int(n_clusters, "n_clusters", where)
+    check_positive_int(topk, "topk", where)
+    scale = check_scale(scale, D, where)
+    C, K = min(n_clusters, T), min(topk, S)
+    _, assign = kmeans(q, C, iterations=iterations, seed=seed)
+    onehot = F.one_hot(assign, C).to(q.dtype)  # (B, H, T, C)
+    counts = onehot.sum(2).unsqueeze(-1)
+    centroids = (onehot.transpose(-2, -1) @ q) / counts.clamp_min(1.0)  # (B, H, C, D)
+    # the centroid's attention A^c = softmax(centroid kᵀ · scale)                              (B, H, C, S)
+    weights_c = torch.softmax((centroids @ k.transpose(-2, -1)) * scale, dim=-1)
+    # each cluster's top-k keys by A^c, and the mass m̂ they hold                      (B, H, C, K), (B, H, C, 1)
+    top_c = weights_c.detach().topk(K, dim=-1).indices
+    mass_c = weights_c.gather(-1, top_c).sum(-1, keepdim=True)
+    # the clustered part: A^c with the top-k keys removed, times V                                (B, H, C, Dv)
+    keep = torch.ones_like(weights_c, dtype=torch.bool).scatter(-1, top_c, False)
+    rest_c = weights_c * keep
+    out_rest = (rest_c @ v).gather(2, assign.unsqueeze(-1).expand(B, H, T, Dv))
+    # the exact part: query i against its cluster's top-k keys                                     (B, H, T, K)
+    top = top_c.gather(2, assign.unsqueeze(-1).expand(B, H, T, K))
+    flat = top.reshape(B, H, T * K, 1)  # gather rows of k and v (never a (T, S, D) tensor, even in backward)
+    k_top = k.gather(2, flat.expand(B, H, T * K, D)).view(B, H, T, K, D)
+    v_top = v.gather(2, flat.expand(B, H, T * K, Dv)).view(B, H, T, K, Dv)
+    scores = (q.unsqueeze(-2) @ k_top.transpose(-2, -1)).squeeze(-2) * scale
+    # m̂_j · softmax over the top-k of q_i·k_l                                                      (B, H, T, K)
+    mass = mass_c.gather(2, assign.unsqueeze(-1))
+    w_top = mass * torch.softmax(scores, dim=-1)
+    out = (w_top.unsqueeze(-2) @ v_top).squeeze(-2) + out_rest
+    extra = []
+    if return_weights:
+        w = rest_c.gather(2, assign.unsqueeze(-1).expand(B, H, T, S)).scatter(-1, top, w_top)
+        extra.append(w)
+    if return_clusters:
+        extra.append(assign)
+    return (out, *extra) if extra else out
+
+
 # --------------------------------------------------------------------------------------------------------------
 # plumbing: the input checks the functions above call
 # --------------------------------------------------------------------------------------------------------------
@@ -494,4 +554,5 @@ def _refuse_mask(mask, where):
 
 __all__ = ["elu_feature_map", "linear_attention", "linear_attention_naive", "linear_attention_recurrent",
            "RecurrentLinearAttention", "default_n_features", "gaussian_projection", "favor_features",
-           "performer_attention", "performer_weights", "PerformerAttention", "kmeans", "clustered_attention"]
+           "performer_attention", "performer_weights", "PerformerAttention", "kmeans", "clustered_attention",
+           "improved_clustered_attention"]

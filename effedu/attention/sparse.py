@@ -26,6 +26,23 @@ it is), the form a kernel can exploit (``effedu.kernels.block_sparse_attention``
   each; head h may look at a *shifted* block instead (key block (I + shift_h) mod n), which lets heads exchange
   information between blocks. O(n²/n_blocks).
 
+The survey's list goes on (§4.1 (a)); these four complete it:
+
+* ``star`` — Star-Transformer (Guo et al. 2019): a **ring** (i sees i − 1, i, i + 1) plus one **relay** that sees
+  and is seen by every position: 4 keys per query (the relay: all n), any two positions 2 hops apart. In the paper
+  the relay is a separate node, updated in its own step from all the satellites; here it is token 0.
+* ``cascade`` — Cascade Transformer ("Transformer on a Diet", Wang et al. 2020): a local window whose width grows
+  exponentially with the layer index, w_l = w₀ · growth^l (``cascade_window``). Not a new attention: ``local`` with
+  one ``attention_kwargs`` dict per layer (``cascade_attention_kwargs``); after L layers the reach is
+  ⌊w₀/2⌋(2^L − 1) positions for growth 2 (integer half-windows) instead of L⌊w₀/2⌋.
+* ``logsparse`` — LogSparse Transformer (Li et al. 2019), for time series: query i sees itself and i − 2^k for
+  k = 0, 1, … (causal): ⌊log₂ i⌋ + 2 keys for i ≥ 1, one for i = 0. ``symmetric=True`` also adds i + 2^k (a
+  bidirectional variant of ours, not in the paper). O(n log n) per layer; the paper stacks ⌈log₂ n⌉ layers
+  to connect every pair (O(n log² n)).
+* ``blockbert`` — BlockBERT (Qiu et al. 2020) as the paper writes it: head h maps query block I to key block
+  π_h(I) for a per-head **permutation** π_h of the blocks (identity: block diagonal; a shift: the next block);
+  ``blockwise`` above is the special case of shifts.
+
 The registered attention functions (``TransformerConfig(attention="local", attention_kwargs={"window": 32})``)
 compute one of these patterns in one of two ways:
 
@@ -50,8 +67,8 @@ from ..kernels.block_sparse import block_grid, block_sparse_attention, check_lay
 from . import register
 from .dense import softmax_attention
 
-TOKEN_PATTERNS = ("local", "strided", "fixed", "longformer")  # defined token by token
-BLOCK_PATTERNS = ("bigbird", "blockwise")  # defined block by block (their token mask is the expanded layout)
+TOKEN_PATTERNS = ("local", "strided", "fixed", "longformer", "star", "logsparse")  # defined token by token
+BLOCK_PATTERNS = ("bigbird", "blockwise", "blockbert")  # defined block by block (token mask = expanded layout)
 PATTERNS = TOKEN_PATTERNS + BLOCK_PATTERNS
 
 
@@ -88,8 +105,25 @@ def _longformer(i, j, *, window, dilation, glob_q, glob_k):
     return allowed
 
 
+def _star(i, j):
+    # ring |i − j| ≤ 1   or   the relay (position 0) on either side
+    return ((i - j).abs() <= 1) | (i == 0) | (j == 0)
+
+
+def _logsparse(i, j, *, symmetric):
+    d = i - j
+    if symmetric:
+        d = d.abs()
+    # i − j = 0, or i − j = 2^k (k ≥ 0): a positive power of two has one bit set, d & (d − 1) = 0
+    return (d == 0) | ((d > 0) & (torch.bitwise_and(d, d - 1) == 0))
+
+
 def _predicate(name, T, S, p, device=None):
     """The pattern as a function ``allowed(i, j)`` of broadcastable index tensors."""
+    if name == "star":
+        return _star
+    if name == "logsparse":
+        return functools.partial(_logsparse, symmetric=p["symmetric"])
     if name == "local":
         return functools.partial(_local, window=p["window"])
     if name == "strided":
@@ -149,6 +183,13 @@ def _block_layout_cached(name, nT, nS, frozen):
     p = dict(frozen)
     I = torch.arange(nT).view(nT, 1)
     J = torch.arange(nS).view(1, nS)
+    if name == "blockbert":
+        # head h: query block I sees key block π_h(I); an int π is the shift I ↦ (I + π) mod nS
+        lays = []
+        for perm in p["permutations"]:
+            target = torch.remainder(I + perm, nS) if isinstance(perm, int) else torch.tensor(perm).view(-1, 1)[:nT]
+            lays.append(J == target)
+        return torch.stack(lays)
     if name == "blockwise":
         shifts = p["shift"] if isinstance(p["shift"], tuple) else (p["shift"],)
         # head h: query block I sees key block (I + shift_h) mod nS  (shift 0: block diagonal)
@@ -211,6 +252,14 @@ def pattern_layout(name, T, block_size, *, S=None, **params):
         return _token_layout_cached(name, T, S, block_size, _freeze(p)).clone()
     p = _check_block_params(name, params, where)
     nT, nS = block_grid(T, S, block_size)
+    if name == "blockbert":
+        for h, perm in enumerate(p["permutations"]):
+            if not isinstance(perm, int) and len(perm) != nS:
+                raise ValueError(f"{where}: permutations[{h}] must be a permutation of the {nS} key blocks "
+                                 f"(range({nS})), got {len(perm)} entries")
+            if not isinstance(perm, int) and nT > nS:
+                raise ValueError(f"{where}: an explicit permutation needs nT ≤ nS blocks, got {nT} query and "
+                                 f"{nS} key blocks; use an int shift instead")
     return _block_layout_cached(name, nT, nS, _freeze(p)).clone()
 
 
@@ -270,6 +319,62 @@ def blockwise_layout(T, block_size, *, shift=0, S=None):
 
 def blockwise_mask(T, block_size, *, shift=0, S=None):
     return pattern_mask("blockwise", T, S=S, block_size=block_size, shift=shift)
+
+
+def star_mask(T, *, S=None):
+    """Star-Transformer: ring |i − j| ≤ 1, plus the relay, token 0, which sees and is seen by every position.
+
+    (Guo et al. 2019 update the relay as a separate node in its own step; here it is simply position 0.)"""
+    return pattern_mask("star", T, S=S)
+
+
+def star_layout(T, block_size, *, S=None):
+    return pattern_layout("star", T, block_size, S=S)
+
+
+def logsparse_mask(T, *, symmetric=False, S=None):
+    """LogSparse (Li et al. 2019): query i sees j = i and j = i − 2^k, k = 0, 1, … (causal by construction):
+    ⌊log₂ i⌋ + 2 keys for i ≥ 1, one for i = 0 (T = S). ``symmetric=True`` also adds j = i + 2^k."""
+    return pattern_mask("logsparse", T, S=S, symmetric=symmetric)
+
+
+def logsparse_layout(T, block_size, *, symmetric=False, S=None):
+    return pattern_layout("logsparse", T, block_size, S=S, symmetric=symmetric)
+
+
+def blockbert_layout(T, block_size, *, permutations=None, heads=None, S=None):
+    """BlockBERT (Qiu et al. 2020), per head: query block I attends key block π_h(I) → ``(H, nT, nS)``.
+
+    ``permutations``: one entry per head, each an int (the shift I ↦ (I + shift) mod nS; 0 is the block-diagonal
+    identity) or a sequence (π(0), …, π(nS − 1)), a permutation of the key blocks. ``None``: ``heads`` heads
+    (default 2) with shifts 0, 1, … — identity for head 0, the next block for head 1, and so on."""
+    return pattern_layout("blockbert", T, block_size, S=S, permutations=permutations, heads=heads)
+
+
+def blockbert_mask(T, block_size, *, permutations=None, heads=None, S=None):
+    return pattern_mask("blockbert", T, S=S, block_size=block_size, permutations=permutations, heads=heads)
+
+
+def cascade_window(layer, base_window, growth=2):
+    """Cascade Transformer ("Transformer on a Diet", Wang et al. 2020): layer ``layer`` (0-based) uses a local
+    window of ``base_window · growth**layer`` tokens — exponentially wider with depth."""
+    where = "cascade_window"
+    _nonneg_int(layer, "layer", where)
+    check_positive_int(base_window, "base_window", where)
+    check_positive_int(growth, "growth", where)
+    return base_window * growth ** layer
+
+
+def cascade_mask(T, layer, *, base_window=4, growth=2, S=None):
+    """The local mask of layer ``layer`` (0-based) of a Cascade Transformer: ``local_mask(T, cascade_window(...))``."""
+    return local_mask(T, cascade_window(layer, base_window, growth), S=S)
+
+
+def cascade_attention_kwargs(n_layers, base_window, growth=2, **extra):
+    """One ``attention_kwargs`` dict per layer for ``TransformerConfig(attention="local", attention_kwargs=...)``:
+    ``[{"window": w₀}, {"window": w₀·g}, {"window": w₀·g²}, …]`` (``extra``, e.g. ``block_size``, in each)."""
+    check_positive_int(n_layers, "n_layers", "cascade_attention_kwargs")
+    return [dict(extra, window=cascade_window(layer, base_window, growth)) for layer in range(n_layers)]
 
 
 def mask_to_layout(mask, block_size):
@@ -413,6 +518,35 @@ def blockwise_attention(q, k, v, *, causal=False, mask=None, scale=None, block_s
                               backend=backend, return_weights=return_weights, params=dict(shift=shift))
 
 
+@register("star")
+def star_attention(q, k, v, *, causal=False, mask=None, scale=None, block_size=None, backend="auto",
+                   return_weights=False):
+    """Star-Transformer: ring of neighbours + relay token 0 (see ``star_mask``); ``block_size`` as in
+    ``local_attention``."""
+    return _pattern_attention("star", q, k, v, causal=causal, mask=mask, scale=scale, block_size=block_size,
+                              backend=backend, return_weights=return_weights, params={})
+
+
+@register("logsparse")
+def logsparse_attention(q, k, v, *, causal=False, mask=None, scale=None, symmetric=False, block_size=None,
+                        backend="auto", return_weights=False):
+    """LogSparse: itself and exponentially spaced earlier positions (see ``logsparse_mask``); ``block_size`` as in
+    ``local_attention``."""
+    return _pattern_attention("logsparse", q, k, v, causal=causal, mask=mask, scale=scale, block_size=block_size,
+                              backend=backend, return_weights=return_weights, params=dict(symmetric=symmetric))
+
+
+@register("blockbert")
+def blockbert_attention(q, k, v, *, causal=False, mask=None, scale=None, block_size=32, permutations=None,
+                        backend="auto", return_weights=False):
+    """BlockBERT with one block permutation per head (see ``blockbert_layout``; ``None``: head h shifts by h).
+    Block-sparse kernel by default; ``backend="torch"`` is the masked-dense reference."""
+    H = q.shape[1] if isinstance(q, torch.Tensor) and q.dim() == 4 else None
+    params = dict(permutations=permutations, heads=H if permutations is None else None)
+    return _pattern_attention("blockbert", q, k, v, causal=causal, mask=mask, scale=scale, block_size=block_size,
+                              backend=backend, return_weights=return_weights, params=params)
+
+
 @register("block_sparse")
 def block_sparse(q, k, v, *, layout, block_size, causal=False, mask=None, scale=None, backend="auto",
                  return_weights=False):
@@ -454,6 +588,23 @@ def receptive_field(mask, layers, *, causal=False):
         # R_{l+1}[i, j] = ∃ k: M[i, k] ∧ R_l[k, j]
         reach = ((step @ reach) > 0).float()
     return reach.bool()
+
+
+def stacked_receptive_field(masks, *, causal=False):
+    """``receptive_field`` through layers with *different* masks (one per layer, the first applied first), e.g.
+    a Cascade Transformer's growing windows: R₀ = I, R_{l+1} = (M_l ∨ I) R_l."""
+    where = "stacked_receptive_field"
+    if isinstance(masks, torch.Tensor) or not isinstance(masks, (list, tuple)) or not masks:
+        raise TypeError(f"{where}: masks must be a non-empty list of (T, T) bool masks, one per layer, got "
+                        f"{type(masks).__name__}")
+    T = _check_square(masks[0], where)
+    reach = torch.eye(T, dtype=torch.bool, device=masks[0].device)
+    for m in masks:
+        if _check_square(m, where) != T:
+            raise ValueError(f"{where}: every layer's mask must be ({T}, {T}), got {tuple(m.shape)}")
+        # R_{l+1}[i, j] = ∃ k: (M_l ∨ I)[i, k] ∧ R_l[k, j]
+        reach = (receptive_field(m, 1, causal=causal).float() @ reach.float()) > 0
+    return reach
 
 
 def hop_distance(mask, *, causal=False, max_layers=None):
@@ -577,6 +728,12 @@ def _check_token_params(name, T, S, params, where):
         if g and g[-1] >= max(T, S):
             raise ValueError(f"{where}: global token position {g[-1]} is outside the sequence (T={T}, S={S})")
         p["global_tokens"] = g
+    elif name == "star":
+        _only(p, set(), name, where)
+    elif name == "logsparse":
+        _only(p, {"symmetric"}, name, where)
+        if not isinstance(p.setdefault("symmetric", False), bool):
+            raise TypeError(f"{where}: symmetric must be a bool, got {type(p['symmetric']).__name__}")
     return p
 
 
@@ -611,6 +768,38 @@ def _check_block_params(name, params, where):
             p["shift"] = tuple(shift)
         else:
             _nonneg_int(shift, "shift", where)
+    elif name == "blockbert":
+        _only(p, {"permutations", "heads"}, name, where)
+        perms, heads = p.get("permutations"), p.pop("heads", None)
+        if heads is not None:
+            check_positive_int(heads, "heads", where)
+        if perms is None:
+            p["permutations"] = tuple(range(2 if heads is None else heads))
+        else:
+            if isinstance(perms, torch.Tensor):
+                perms = perms.tolist()
+            if isinstance(perms, (int, str)) or not isinstance(perms, (list, tuple)) or len(perms) == 0:
+                raise TypeError(f"{where}: permutations must be a non-empty sequence (one per head) of int shifts "
+                                f"or block permutations, got {perms!r}")
+            if heads is not None and heads != len(perms):
+                raise ValueError(f"{where}: heads={heads} disagrees with the {len(perms)} permutations given")
+            norm = []
+            for h, perm in enumerate(perms):
+                if isinstance(perm, torch.Tensor):
+                    perm = perm.tolist()
+                if isinstance(perm, int) and not isinstance(perm, bool):
+                    _nonneg_int(perm, f"permutations[{h}]", where)
+                    norm.append(perm)
+                    continue
+                if not isinstance(perm, (list, tuple)) or any(isinstance(x, bool) or not isinstance(x, int)
+                                                              for x in perm):
+                    raise TypeError(f"{where}: permutations[{h}] must be an int shift or a sequence of block "
+                                    f"indices, got {perm!r}")
+                if sorted(perm) != list(range(len(perm))):
+                    raise ValueError(f"{where}: permutations[{h}] must be a permutation of range({len(perm)}), "
+                                     f"got {list(perm)}")
+                norm.append(tuple(perm))
+            p["permutations"] = tuple(norm)
     return p
 
 
@@ -640,4 +829,7 @@ __all__ = [
     "blockwise_mask", "blockwise_layout", "masked_attention", "local_attention", "strided_attention",
     "fixed_attention", "longformer_attention", "bigbird_attention", "blockwise_attention", "block_sparse",
     "receptive_field", "hop_distance", "hops", "hops_to", "block_sparse_attention",
+    "star_mask", "star_layout", "star_attention", "logsparse_mask", "logsparse_layout", "logsparse_attention",
+    "blockbert_mask", "blockbert_layout", "blockbert_attention", "cascade_window", "cascade_mask",
+    "cascade_attention_kwargs", "stacked_receptive_field",
 ]
