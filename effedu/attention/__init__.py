@@ -41,6 +41,14 @@ BUILTIN = {
     "bigbird": "effedu.attention.sparse:bigbird_attention",
     "blockwise": "effedu.attention.sparse:blockwise_attention",
     "block_sparse": "effedu.attention.sparse:block_sparse",
+    "star": "effedu.attention.sparse:star_attention",
+    "logsparse": "effedu.attention.sparse:logsparse_attention",
+    "blockbert": "effedu.attention.sparse:blockbert_attention",
+    # chapter 16: learned sparse attention
+    "entmax": "effedu.attention.entmax:entmax_attention",
+    "routing": "effedu.attention.routing:RoutingAttention",
+    "sinkhorn": "effedu.attention.sinkhorn:SinkhornAttention",
+    "sparsebert": "effedu.attention.learned_mask:LearnedMaskAttention",
     # chapter 17: low rank
     "linformer": "effedu.attention.lowrank:LinformerAttention",
     "nystrom": "effedu.attention.lowrank:nystrom_attention",
@@ -50,6 +58,7 @@ BUILTIN = {
     "linear": "effedu.attention.kernelized:linear_attention",
     "performer": "effedu.attention.kernelized:PerformerAttention",
     "clustered": "effedu.attention.kernelized:clustered_attention",
+    "clustered_improved": "effedu.attention.kernelized:improved_clustered_attention",
     # chapter 19: memory-efficient exact attention (the tiled kernel, differentiable on every backend)
     "memory_efficient": "effedu.attention.memory_efficient:memory_efficient_attention",
 }
