@@ -17,7 +17,7 @@ from effedu.bench import Column, Table, format_table, format_tables
 from effedu.bench.sparse import sparse_bench_table
 
 CHAPTERS = {"attention", "memory", "pretrained", "checkpoint", "reversible", "sharing", "precision", "pipeline",
-            "sparse", "lowrank", "kernelized", "prune", "quantize", "moe"}
+            "sparse", "lowrank", "kernelized", "prune", "quantize", "moe", "lsh"}
 
 
 pytestmark = pytest.mark.usefixtures("one_timed_call")  # tests/conftest.py: time_it → one call
@@ -161,6 +161,19 @@ def test_sparse_table_marks_a_skipped_path_as_missing():
     small, big = table.rows
     assert small["masked_fwd_s"] is not None and big["masked_fwd_s"] is None and big["masked_bytes"] is None
     assert "—" in format_table(table).splitlines()[-4]  # the n=48 row prints — where nothing was measured
+
+
+def test_lsh_bench_quick_rows_crossover_and_linear_memory():
+    tables = bench.run("lsh", quick=True, threads=1)
+    table = tables[0]
+    assert table.column("n") == [256, 512] and table.values["n"] == 512
+    for suffix in ("fwd_s", "bwd_s"):
+        _assert_positive_finite(_numbers(table, suffix))
+    crossover = table.values["crossover_n"]
+    assert crossover is None or crossover in table.column("n")
+    assert table.values["fwd_speedup"] == table.rows[-1]["fwd_speedup"]
+    per_token = table.column("lsh_bytes_per_token")
+    assert 0.5 <= per_token[1] / per_token[0] <= 2  # O(n·chunk): the same bytes per token at 256 and 512
 
 
 # ------------------------------------------------------------------------------------------------------------

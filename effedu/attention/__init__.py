@@ -45,6 +45,7 @@ BUILTIN = {
     "logsparse": "effedu.attention.sparse:logsparse_attention",
     "blockbert": "effedu.attention.sparse:blockbert_attention",
     # chapter 16: learned sparse attention
+    "lsh": "effedu.attention.lsh:lsh_attention",
     "entmax": "effedu.attention.entmax:entmax_attention",
     "routing": "effedu.attention.routing:RoutingAttention",
     "sinkhorn": "effedu.attention.sinkhorn:SinkhornAttention",

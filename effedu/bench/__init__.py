@@ -31,6 +31,7 @@ BENCHMARKS = {
     "checkpoint": "checkpoint:bench_checkpoint",
     "kernelized": "kernelized:bench_kernelized",
     "lowrank": "lowrank:bench_lowrank",
+    "lsh": "lsh:bench_lsh",
     "memory": "memory:bench_memory",
     "moe": "moe:bench_moe",
     "pipeline": "pipeline:bench_pipeline",

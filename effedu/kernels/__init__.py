@@ -16,6 +16,7 @@ here:
 
     kernels.block_sparse_attention(q, k, v, layout, block_size=64)      # chapter 15 (kernels/block_sparse.py)
     kernels.causal_linear_attention(phi_q, phi_k, v)                    # chapter 18 (kernels/linear_attention.py)
+    kernels.lsh_chunked_attention(q, k, v, pos, bucket, chunk_size=64)  # chapter 16 (kernels/lsh_attention.py)
     kernels.csr_matmul(a_csr, b)                                        # chapter 05 (kernels/sparse_matmul.py)
     kernels.int8_matmul(a, b)              # chapter 08 (kernels/int8_matmul.py): int8 × int8 → exact int32
     kernels.moe_dispatch(x, expert_index, slot, n_experts, capacity)   # chapter 10 (kernels/moe_dispatch.py),
@@ -25,11 +26,12 @@ here:
 """
 from __future__ import annotations
 
-from . import block_sparse, linear_attention, masking, online_softmax, sparse_matmul, tiled_attention
+from . import block_sparse, linear_attention, lsh_attention, masking, online_softmax, sparse_matmul, tiled_attention
 from ._base import BACKENDS, backends, cuda_usable, resolve_backend, simulator_enabled, single_threaded_blas
 from .block_sparse import block_sparse_attention
 from .int8_matmul import cpu_int8_features, int8_matmul
 from .linear_attention import causal_linear_attention
+from .lsh_attention import lsh_chunked_attention
 from .moe_dispatch import dispatch_tensor, moe_combine, moe_dispatch
 from .masking import allowed_mask, masked_softmax
 from .sparse_matmul import csr_matmul, csr_matmul_parts, dense_to_csr
@@ -39,4 +41,5 @@ __all__ = ["attention", "backends", "cuda_usable", "resolve_backend", "simulator
            "BACKENDS", "DEFAULT_BLOCK", "block_sparse_attention", "causal_linear_attention", "allowed_mask",
            "masked_softmax", "tiled_attention", "block_sparse", "linear_attention",
            "masking", "online_softmax", "csr_matmul", "csr_matmul_parts", "dense_to_csr", "sparse_matmul",
-           "int8_matmul", "cpu_int8_features", "moe_dispatch", "moe_combine", "dispatch_tensor"]
+           "int8_matmul", "cpu_int8_features", "moe_dispatch", "moe_combine", "dispatch_tensor",
+           "lsh_attention", "lsh_chunked_attention"]
