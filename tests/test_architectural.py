@@ -126,10 +126,11 @@ def test_sinusoid_positions():
 # ---------------------------------------------------------------------------------------------------- Transformer-XL
 
 
-@pytest.mark.parametrize("segment_len", [8, 5, 24])
-def test_segments_with_full_memory_equal_the_whole_context(segment_len):
+@pytest.mark.parametrize("segment_len, mem_len", [(8, 64), (5, 64), (24, 64), (8, 16), (8, 20)])
+def test_segments_with_full_memory_equal_the_whole_context(segment_len, mem_len):
+    # mem_len 16 and 20 (between one and two segments): the FIFO keeps everything it has while it is not full yet
     torch.manual_seed(0)
-    model = A.TransformerXL(_cfg(), mem_len=64).double().eval()
+    model = A.TransformerXL(_cfg(), mem_len=mem_len).double().eval()
     tokens = _tokens()
     whole, _ = model(tokens)
     seg = A.evaluate_segments(model, tokens, segment_len)

@@ -218,7 +218,7 @@ def _check_ids(tokens, config, where, max_len=None):
 def _fifo(memory, h, mem_len):
     """The new memory: the last ``mem_len`` of [memory; h], detached (no gradient flows into a memory)."""
     full = h if memory is None else torch.cat([memory, h], dim=1)
-    return full[:, full.shape[1] - mem_len:].detach() if mem_len else full[:, :0].detach()
+    return full[:, max(0, full.shape[1] - mem_len):].detach() if mem_len else full[:, :0].detach()
 
 
 class TransformerXL(nn.Module):
