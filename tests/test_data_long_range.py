@@ -289,3 +289,28 @@ def test_trains_with_the_course_loop():
                                           max_len=64))
     hist = train(model, b, steps=3, lr=1e-3, progress=False)
     assert len(hist["loss"]) == 3 and all(torch.isfinite(torch.tensor(hist["loss"])))
+
+
+@pytest.mark.parametrize("seq_len, depth", [(128, 0.25), (1024, 0.1), (257, 0.5)])
+def test_one_hop_needle_is_the_only_value_token_early_and_is_the_label(seq_len, depth):
+    n_keys, n_values = 16, 8
+    b = LR.make_needle(300, seq_len, n_keys=n_keys, n_values=n_values, depth=depth, hops=1, seed=3)
+    first_value = LR.FIRST_KEY + n_keys
+    assert b.inputs.shape == b.targets.shape == (300, seq_len)
+    assert (b.inputs[:, -1] == SEP).all() and (b.targets[:, :-1] == IGNORE).all()
+    for row, label in zip(b.inputs.tolist(), b.targets[:, -1].tolist()):
+        values = [(i, t) for i, t in enumerate(row[:-1]) if t >= first_value]  # the oracle: scan for value tokens
+        assert len(values) == 1, "exactly one value token (the needle)"
+        (pos, tok), = values
+        assert pos < depth * seq_len and tok - first_value == label
+        assert all(LR.FIRST_KEY <= t < first_value for t in row[:pos] + row[pos + 1:-1])
+    counts = Counter(b.targets[:, -1].tolist())
+    assert set(counts) == set(range(n_values)) and max(counts.values()) < 300 * 0.25
+    again = LR.make_needle(300, seq_len, n_keys=n_keys, n_values=n_values, depth=depth, hops=1, seed=3)
+    assert torch.equal(again.inputs, b.inputs)
+
+
+@pytest.mark.parametrize("hops", [0, 3, True, 1.0])
+def test_needle_hops_must_be_one_or_two(hops):
+    with pytest.raises(ValueError, match="hops must be 1"):
+        LR.make_needle(2, 64, hops=hops)

@@ -106,7 +106,7 @@ def _classify(n_samples, seq_len):
 
 
 def make_needle(n_samples: int, seq_len: int, *, n_values: int = 10, n_keys: int | None = None,
-                depth: float | None = None, seed: int = 0) -> Batch:
+                depth: float | None = None, hops: int = 2, seed: int = 0) -> Batch:
     """A key–value needle in the first ``depth`` fraction of a haystack of other keys' pairs; asked for at the end.
 
     Layout (``H = seq_len - 2`` haystack positions, pairs at even offsets, one PAD when ``H`` is odd)::
@@ -124,8 +124,18 @@ def make_needle(n_samples: int, seq_len: int, *, n_values: int = 10, n_keys: int
         'k1 v1 k2 v2 k0 v0 k2 v0 k2 v2 k2 v0 k1 v2 k3 v2 k3 v2 k1 v2 k1 v2 k0 |'
         >>> int(b.targets[0, -1])
         0
+
+    ``hops=1`` is the easier needle (one hop: *find the odd token out*): the haystack is key tokens only, drawn
+    uniformly, and the needle is one *value* token — the only one in the sequence — in the first ``depth``
+    fraction; the last position (SEP) asks for it. A single attention layer can solve it by content alone, as long
+    as the query can see the needle: the task of chapters 16 and 20, where small models must learn within a short
+    budget. The default ``hops=2`` (find the key asked for, then read the value after it) needs two layers composing
+    (an induction circuit) and many more steps.
     """
     where = "make_needle"
+    if isinstance(hops, bool) or not isinstance(hops, int) or hops not in (1, 2):
+        raise ValueError(f"{where}: hops must be 1 (a lone value token) or 2 (a key asked for, then its value), "
+                         f"got {hops!r}")
     check_positive_int(n_samples, "n_samples", where)
     _where_seq_len(where, seq_len, 4, "one key-value pair, the query key and SEP")
     _check_at_least(n_values, "n_values", where, 2)
@@ -135,6 +145,21 @@ def make_needle(n_samples: int, seq_len: int, *, n_values: int = 10, n_keys: int
     if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0.0 < depth <= 1.0:
         raise ValueError(f"{where}: depth must be a fraction in (0, 1], got {depth!r}")
     check_seed(seed, where)
+    if hops == 1:
+        n_early = min(seq_len - 1, int(depth * seq_len))
+        if n_early < 1:
+            raise ValueError(f"{where}: depth * seq_len must be >= 1 to hold the needle, got depth={depth} and "
+                             f"seq_len={seq_len}")
+        g = torch.Generator().manual_seed(seed)
+        N = n_samples
+        inputs, targets = _classify(N, seq_len)
+        inputs[:, :-1] = FIRST_KEY + torch.randint(0, n_keys, (N, seq_len - 1), generator=g)
+        needle_val = torch.randint(0, n_values, (N,), generator=g)
+        pos = torch.randint(0, n_early, (N,), generator=g)
+        inputs[torch.arange(N), pos] = FIRST_KEY + n_keys + needle_val
+        inputs[:, -1] = SEP
+        targets[:, -1] = needle_val
+        return Batch(inputs, targets)
     n_slots = (seq_len - 2) // 2
     n_early = min(n_slots, int(depth * seq_len) // 2)  # slot s holds positions 2s, 2s+1 < depth * seq_len
     if n_early < 1:
