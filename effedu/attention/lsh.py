@@ -38,11 +38,11 @@ import math
 
 import torch
 
-from .._checks import check_bool, check_mask, check_positive_int, check_qkv, check_scale, check_seed
+from .._checks import check_bool, check_mask, check_positive_int, check_scale, check_seed
 from ..kernels.lsh_attention import lsh_chunked_attention
 from ..kernels.masking import masked_softmax
 from . import register
-from .shared_qk import shared_qk_keys
+from .shared_qk import check_shared_qk_inputs, shared_qk_keys
 
 WHERE = "lsh_attention"
 
@@ -207,17 +207,7 @@ def lsh_attention(q, k, v, *, causal=False, mask=None, n_buckets=8, n_rounds=2, 
     ``(B, H, n_rounds, T)``. Returns ``out`` or a tuple ``(out[, weights][, buckets])``.
     """
     where = WHERE
-    if k is not None:
-        if not isinstance(k, torch.Tensor):
-            raise TypeError(f"{where}: k must be None or a torch.Tensor (it is ignored), got {type(k).__name__}")
-        if k.shape != q.shape:
-            raise ValueError(f"{where}: k is ignored (keys are the normalised queries) but must be None or shaped "
-                             f"like q {tuple(q.shape)}, got {tuple(k.shape)}")
-    if isinstance(q, torch.Tensor) and isinstance(v, torch.Tensor) and q.dim() == v.dim() == 4 \
-            and v.shape[2] != q.shape[2]:
-        raise ValueError(f"{where}: LSH attention is self-attention: v must have the queries' length "
-                         f"T={q.shape[2]}, got {v.shape[2]}")
-    check_qkv(q, q, v, where=where)
+    check_shared_qk_inputs(q, k, v, where, "LSH attention")
     B, H, T, D = q.shape
     Dv = v.shape[-1]
     for name, val in (("causal", causal), ("count_duplicates", count_duplicates),

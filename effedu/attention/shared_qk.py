@@ -47,6 +47,22 @@ def shared_qk_mask(T, *, causal=False, mask=None, device=None):
     return torch.where(has_other, others, base)
 
 
+def check_shared_qk_inputs(q, k, v, where, what):
+    """The input checks of every shared-QK attention (this one, Reformer's LSH in chapter 16): ``k`` is ignored
+    but must be None or shaped like q, v has the queries' length (self-attention), then the usual q/v checks."""
+    if k is not None:
+        if not isinstance(k, torch.Tensor):
+            raise TypeError(f"{where}: k must be None or a torch.Tensor (it is ignored), got {type(k).__name__}")
+        if k.shape != q.shape:
+            raise ValueError(f"{where}: k is ignored (keys are the normalised queries) but must be None or shaped "
+                             f"like q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if isinstance(q, torch.Tensor) and isinstance(v, torch.Tensor) and q.dim() == v.dim() == 4 \
+            and v.shape[2] != q.shape[2]:
+        raise ValueError(f"{where}: {what} is self-attention: v must have the queries' length "
+                         f"T={q.shape[2]}, got {v.shape[2]}")
+    check_qkv(q, q, v, where=where)
+
+
 @register("shared_qk")
 def shared_qk_attention(q, k, v, *, mask=None, causal=False, scale=None, return_weights=False):
     """Reformer's shared-QK attention: the keys are the normalised queries; ``k`` is **ignored**.
@@ -64,17 +80,7 @@ def shared_qk_attention(q, k, v, *, mask=None, causal=False, scale=None, return_
     have length 1. (Trax and Hugging Face normalise the keys to length √D and divide by √D: the same scores.)
     """
     where = "shared_qk_attention"
-    if k is not None:
-        if not isinstance(k, torch.Tensor):
-            raise TypeError(f"{where}: k must be None or a torch.Tensor (it is ignored), got {type(k).__name__}")
-        if k.shape != q.shape:
-            raise ValueError(f"{where}: k is ignored (keys are the normalised queries) but must be None or shaped "
-                             f"like q {tuple(q.shape)}, got {tuple(k.shape)}")
-    if isinstance(q, torch.Tensor) and isinstance(v, torch.Tensor) and q.dim() == v.dim() == 4 \
-            and v.shape[2] != q.shape[2]:
-        raise ValueError(f"{where}: shared-QK is self-attention: v must have the queries' length "
-                         f"T={q.shape[2]}, got {v.shape[2]}")
-    check_qkv(q, q, v, where=where)
+    check_shared_qk_inputs(q, k, v, where, "shared-QK")
     B, H, T, _ = q.shape
     scale = 1.0 if scale is None else check_scale(scale, q.shape[-1], where)
     check_bool(causal, "causal", where)
@@ -85,4 +91,4 @@ def shared_qk_attention(q, k, v, *, mask=None, causal=False, scale=None, return_
     return softmax_attention(q, keys, v, mask=allowed, scale=scale, return_weights=return_weights)
 
 
-__all__ = ["shared_qk_keys", "shared_qk_mask", "shared_qk_attention"]
+__all__ = ["shared_qk_keys", "shared_qk_mask", "check_shared_qk_inputs", "shared_qk_attention"]
