@@ -1,0 +1,4 @@
+"""``python -m effedu.capstone run|show|guide …`` (see :mod:`effedu.capstone.run`)."""
+from .run import main
+
+main()
