@@ -20,7 +20,6 @@ reason. Budgets are small: accuracies separate "learns the task" from "does not"
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import statistics
 import time
@@ -176,20 +175,11 @@ def variant_info(name, lengths):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
 def thread_count(n):
     """torch's and numba's thread counts set to ``n`` for the block (None: unchanged), restored after."""
-    import numba
+    from ..general.sweeps import torch_numba_threads
 
-    old_t, old_n = torch.get_num_threads(), numba.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old_t)
-        numba.set_num_threads(old_n)
+    return torch_numba_threads(n)
 
 
 def batch_size(settings, seq_len):

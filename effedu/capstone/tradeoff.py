@@ -57,7 +57,6 @@ the fastest (lowest ``step_ms``), then the smallest ``peak_mib``, then the label
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
@@ -366,23 +365,13 @@ def measure_row(model, *, mode, device, seq_len, attention, checkpointing, preci
 # --------------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
 def _threads(n):
     """torch's and numba's thread counts set to ``n`` for the block (None: unchanged), restored after."""
-    if n is None:
-        yield
-        return
-    import numba
+    from ..general.sweeps import torch_numba_threads
 
-    _positive_int(n, "threads", "run_grid")
-    old_t, old_n = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(n)
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old_t)
-        numba.set_num_threads(old_n)
+    if n is not None:
+        _positive_int(n, "threads", "run_grid")
+    return torch_numba_threads(n)
 
 
 def _jsonable(settings):

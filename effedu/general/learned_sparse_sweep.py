@@ -25,7 +25,6 @@ machine) and asserts only claims it re-checks live.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from .. import env_report, measure
 from ..model import Transformer, TransformerConfig, lm_loss
 from ..train import evaluate, train
-from .sweeps import log_to_stderr, sweep_main
+from .sweeps import log_to_stderr, sweep_main, torch_numba_threads
 
 COMMAND = "python -m effedu.general.learned_sparse_sweep"
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "data" / "results" / "learned_sparse.json"
@@ -215,20 +214,6 @@ def sweep_accuracy(settings=ACCURACY, variants=VARIANTS, log=None):
     return {"chance": 1.0 / s["n_values"], "info_chance": info.get("chance"), "runs": runs}
 
 
-@contextlib.contextmanager
-def _threads(n):
-    """torch's and numba's thread counts set to ``n`` for the block (None: unchanged), restored after."""
-    import numba
-
-    old_t, old_n = torch.get_num_threads(), numba.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old_t)
-        numba.set_num_threads(old_n)
 
 
 def run_sweep(quick=False, *, threads=None, log=None, parts=("scaling", "accuracy")):
@@ -246,7 +231,7 @@ def run_sweep(quick=False, *, threads=None, log=None, parts=("scaling", "accurac
            "quick": bool(quick), "env": env,
            "settings": {"scaling": _jsonable(scaling), "accuracy": _jsonable(accuracy),
                         "variants": {v: variant_kwargs(v, accuracy["seq_len"]) for v in VARIANTS}}}
-    with _threads(threads):
+    with torch_numba_threads(threads):
         out["env"]["cpu threads (torch)"] = torch.get_num_threads()
         if "scaling" in parts:
             out["scaling"] = sweep_scaling(scaling, log=log)

@@ -67,4 +67,21 @@ def sweep_main(argv, *, command, description, default_out, run, threads=True, ad
     return results
 
 
-__all__ = ["sweep_main", "log_to_stderr", "torch_threads"]
+@contextlib.contextmanager
+def torch_numba_threads(n):
+    """torch's and numba's thread counts set to ``n`` for the block (None or 0: unchanged), restored after
+    (numba's capped at its pool size, ``NUMBA_NUM_THREADS``)."""
+    import numba
+
+    old_t, old_n = torch.get_num_threads(), numba.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old_t)
+        numba.set_num_threads(old_n)
+
+
+__all__ = ["sweep_main", "log_to_stderr", "torch_threads", "torch_numba_threads"]
