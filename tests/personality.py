@@ -31,12 +31,26 @@ def native_capability() -> str:
         return "AVX2"
 
 
+def has_vnni() -> bool:
+    """True when the CPU has AVX-512 VNNI (Linux: /proc/cpuinfo; elsewhere: assume not)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return any(line.startswith("flags") and " avx512_vnni" in line for line in f)
+    except OSError:
+        return False
+
+
 def personality() -> dict[str, str]:
     cap = native_capability().upper()
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "NUMBA_CPU_NAME": "generic"}
     if platform.machine().lower() in ("x86_64", "amd64"):
         if cap.startswith("AVX512"):
-            env.update(ATEN_CPU_CAPABILITY="avx2", MKL_CBWR="AVX2", ONEDNN_MAX_CPU_ISA="AVX2")
+            # oneDNN capped below VNNI on a VNNI CPU is a combination no real CPU has: torch checks VNNI itself and
+            # sends torch._int_mm to oneDNN's int8 GEMM, which below VNNI takes a saturating u8·s8 path — wrong
+            # int8 products (measured: errors of 68,157 on a 128×128 product). On such a CPU the cap stays at
+            # AVX512_CORE_VNNI (still below the native bf16/AMX kernels).
+            env.update(ATEN_CPU_CAPABILITY="avx2", MKL_CBWR="AVX2",
+                       ONEDNN_MAX_CPU_ISA="AVX512_CORE_VNNI" if has_vnni() else "AVX2")
         else:  # AVX2 (or below): no explicit vectorisation in ATen, SSE4.1-era MKL/oneDNN paths
             env.update(ATEN_CPU_CAPABILITY="default", MKL_CBWR="COMPATIBLE", ONEDNN_MAX_CPU_ISA="SSE41")
     else:  # arm64 (Apple silicon, Graviton): ATen's "default" path is the only other one there
