@@ -42,12 +42,15 @@ def _batch_source(batches):
     return lambda step: next(it)
 
 
-def default_step(model, inputs, targets, optimizer, grad_clip=None):
-    """forward → loss → backward → (clip the gradient norm) → optimizer step; returns the loss (a float)."""
+def default_step(model, inputs, targets, optimizer, grad_clip=None, aux_weight=0.0):
+    """forward → loss → backward → (clip the gradient norm) → optimizer step; returns the loss (a float).
+
+    ``aux_weight``: back-propagate ``loss + aux_weight · model.aux_loss()`` — the model's auxiliary losses (MoE's
+    balancing, routing's commitment, SparseBERT's sparsity); the returned loss is the task loss alone."""
     optimizer.zero_grad(set_to_none=True)
     logits = model(inputs)
     loss = lm_loss(logits, targets)
-    loss.backward()
+    (loss + aux_weight * model.aux_loss() if aux_weight else loss).backward()
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()

@@ -91,3 +91,28 @@ def test_divergence_is_recorded_instead_of_raised_when_asked():
                        (dict(warmup=-1), "warmup must be an int"), (dict(grad_clip=-1.0), "grad_clip must be")):
         with pytest.raises(ValueError, match=match):
             train(Transformer(cfg), copy_batch, steps=1, progress=False, **bad)
+
+
+def test_default_step_adds_the_weighted_auxiliary_loss():
+    """aux_weight: the backward sees loss + w·model.aux_loss(); the returned number is the task loss alone."""
+    import copy
+
+    from effedu.model import Transformer, TransformerConfig, lm_loss
+    from effedu.train import default_step
+
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=11, d_model=16, n_heads=2, n_layers=1, d_ff=32, max_len=16, causal=False,
+                            attention="routing", attention_kwargs={"n_clusters": 2})
+    model = Transformer(cfg)
+    twin = copy.deepcopy(model)
+    x = torch.randint(0, 11, (2, 16), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 11, (2, 16), generator=torch.Generator().manual_seed(2))
+    got = default_step(model, x, y, torch.optim.SGD(model.parameters(), lr=0.0), aux_weight=0.5)
+    loss = lm_loss(twin(x), y)
+    aux = twin.aux_loss()
+    assert float(aux) > 0  # the routing commitment loss is there to be added
+    (loss + 0.5 * aux).backward()
+    assert got == pytest.approx(float(loss))
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, msg=name)

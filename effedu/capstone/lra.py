@@ -217,7 +217,7 @@ def train_one(name, task, seq_len, seed, settings, val, cache=None):
     for every variant; generating ListOps and text is not free)."""
     from ..data.long_range import long_range_info, make_long_range
     from ..model import lm_loss
-    from ..train import train
+    from ..train import default_step, train
 
     s = settings
     tkw = TASK_KWARGS.get(task, {})
@@ -236,16 +236,11 @@ def train_one(name, task, seq_len, seed, settings, val, cache=None):
             cache[key] = (b.inputs, b.targets)
         return b.inputs, b.targets
 
-    def step_fn(model, inputs, targets, optimizer):
+    def step_fn(model, inputs, targets, optimizer):  # the default step (+ auxiliary losses), timed
         t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss = lm_loss(model(inputs), targets)
-        total = loss + aux_weight * model.aux_loss() if aux_weight else loss
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        loss = default_step(model, inputs, targets, optimizer, grad_clip=1.0, aux_weight=aux_weight)
         step_times.append(time.perf_counter() - t0)
-        return float(loss.detach())
+        return loss
 
     t0 = time.perf_counter()
     with torch.random.fork_rng():  # train() seeds torch's global RNG

@@ -64,6 +64,7 @@ import time
 import torch
 
 from .. import measure
+from .._checks import check_bool, check_choice, check_positive_int
 
 ATTENTIONS = ("dense", "memory_efficient", "local", "linear", "performer")
 FAMILIES = {"dense": "baseline", "memory_efficient": "exact", "local": "fixed sparse", "linear": "kernel",
@@ -91,24 +92,6 @@ LIVE_QUICK = dict(warmup=1, repeat=2)  # measure_combination(quick=True): the gr
 # --------------------------------------------------------------------------------------------------------------
 # checks
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _choice(value, options, name, where):
-    if not isinstance(value, str) or value not in options:
-        raise ValueError(f"{where}: {name} must be one of {list(options)}, got {value!r}")
-    return value
-
-
-def _bool(value, name, where):
-    if not isinstance(value, bool):
-        raise TypeError(f"{where}: {name} must be a bool, got {value!r}")
-    return value
-
-
-def _positive_int(value, name, where):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{where}: {name} must be a positive int, got {value!r}")
-    return value
 
 
 def _budget(value, name, where):
@@ -370,7 +353,7 @@ def _threads(n):
     from ..general.sweeps import torch_numba_threads
 
     if n is not None:
-        _positive_int(n, "threads", "run_grid")
+        check_positive_int(n, "threads", "run_grid")
     return torch_numba_threads(n)
 
 
@@ -437,10 +420,10 @@ def run_grid(quick=False, *, log=None, threads=None, settings=None):
     where = "run_grid"
     quick = bool(quick)
     if threads is not None:
-        _positive_int(threads, "threads", where)
+        check_positive_int(threads, "threads", where)
     s = settings if settings is not None else (GRID_QUICK if quick else GRID)
     for a in s["attentions"]:
-        _choice(a, ATTENTIONS, "attention", where)
+        check_choice(a, ATTENTIONS, "attention", where)
     t0 = time.perf_counter()
     devices = _devices()
     rows, train_seconds = [], {}
@@ -481,9 +464,9 @@ def feasible(grid, *, seq_len, mode, device="cpu", memory_budget_mib=None, time_
     (``peak_mib ≤ memory_budget_mib``, ``step_ms ≤ time_budget_ms``; None: no limit)."""
     where = "feasible"
     rows = _rows(grid, where)
-    _positive_int(seq_len, "seq_len", where)
-    _choice(mode, MODES, "mode", where)
-    _choice(device, DEVICES, "device", where)
+    check_positive_int(seq_len, "seq_len", where)
+    check_choice(mode, MODES, "mode", where)
+    check_choice(device, DEVICES, "device", where)
     mem = _budget(memory_budget_mib, "memory_budget_mib", where)
     ms = _budget(time_budget_ms, "time_budget_ms", where)
     out = []
@@ -596,14 +579,14 @@ def measure_combination(*, attention, checkpointing=False, precision="fp32", int
     ``quick`` (default): one warm-up and two repeats; the model is untrained, so ``quality`` is None (the grid's
     row holds the trained accuracy). About a second at T=256 on two cores for most combinations."""
     where = "measure_combination"
-    _choice(attention, ATTENTIONS, "attention", where)
-    _bool(checkpointing, "checkpointing", where)
-    _choice(precision, PRECISIONS, "precision", where)
-    _bool(int8, "int8", where)
-    _positive_int(seq_len, "seq_len", where)
-    _choice(mode, MODES, "mode", where)
-    _choice(device, DEVICES, "device", where)
-    _bool(quick, "quick", where)
+    check_choice(attention, ATTENTIONS, "attention", where)
+    check_bool(checkpointing, "checkpointing", where)
+    check_choice(precision, PRECISIONS, "precision", where)
+    check_bool(int8, "int8", where)
+    check_positive_int(seq_len, "seq_len", where)
+    check_choice(mode, MODES, "mode", where)
+    check_choice(device, DEVICES, "device", where)
+    check_bool(quick, "quick", where)
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{where}: device 'cuda' asked for, but torch sees no GPU here")
     s = dict(settings if settings is not None else GRID)

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import env_report, measure
-from ..model import Transformer, TransformerConfig, lm_loss
-from ..train import evaluate, train
+from ..model import Transformer, TransformerConfig
+from ..train import default_step, evaluate, train
 from .sweeps import log_to_stderr, sweep_main, torch_numba_threads
 
 COMMAND = "python -m effedu.general.learned_sparse_sweep"
@@ -167,18 +167,13 @@ def train_variant(name, settings=ACCURACY, seed=0, val=None, log=None):
     aux_weight = s["aux_weight"]  # routing's commitment, sparsebert's sparsity (weighted by the modules)
 
     def step_fn(model, inputs, targets, optimizer):
-        optimizer.zero_grad(set_to_none=True)
-        loss = lm_loss(model(inputs), targets)
-        total = loss + aux_weight * model.aux_loss() if aux_weight else loss
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        loss = default_step(model, inputs, targets, optimizer, grad_clip=1.0, aux_weight=aux_weight)
         step = len(record["_losses"])
-        record["_losses"].append(float(loss.detach()))
+        record["_losses"].append(loss)
         if name == "sparsebert" and (step % s["eval_every"] == 0 or step == s["steps"] - 1):
             record["density_step"].append(step)
             record["density"].append(sum(_densities(model)) / max(1, len(_densities(model))))
-        return float(loss.detach())
+        return loss
 
     record["_losses"] = []
     t0 = time.perf_counter()
